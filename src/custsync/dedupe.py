@@ -1,0 +1,165 @@
+"""Duplicate keys across a whole run, resolved by the job's ``duplicates`` policy.
+
+Batches are written as they come, so a key may meet its duplicate in a later batch after
+the first record was committed. The ledger remembers, per key, the record that holds the
+key so far (its ``updated_at``, order, id, outcome and content) in a scratch SQLite file,
+so memory stays flat however many keys a run sees. When a later record wins, the earlier
+one becomes the loser after the fact: the engine moves it from its count to
+``duplicates`` and writes it to the rejects file.
+"""
+
+from __future__ import annotations
+
+import pickle
+import sqlite3
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import orjson
+
+from custsync.targets.base import Key
+
+Policy = Literal["keep_latest", "keep_first", "merge", "reject"]
+_EPOCH = datetime.min.replace(tzinfo=UTC)
+_CHUNK = 500
+
+
+@dataclass(slots=True)
+class Candidate:
+    """A record that mapped to a row with a key, competing for that key."""
+
+    key: Key
+    ts: datetime | None
+    seq: int
+    source_id: str
+    record: Mapping[str, Any]  # redacted: this may be written to disk and to rejects
+    row: dict[str, Any]
+    outcome: str | None = None  # once written: the target's outcome
+
+    def rank(self) -> tuple[datetime, int]:
+        return (self.ts or _EPOCH, self.seq)
+
+
+@dataclass(slots=True)
+class Resolution:
+    """The outcome of one batch: who is written, who lost, and earlier winners unseated."""
+
+    winners: list[Candidate] = field(default_factory=list)
+    losers: list[tuple[Candidate, Candidate]] = field(default_factory=list)  # (loser, winner)
+    # Earlier committed holders of a key that a winner of this batch replaces, by key.
+    unseated: dict[Key, Candidate] = field(default_factory=dict)
+    # merge only: holders that keep their key but gained fields, written again, not counted.
+    rewrites: list[Candidate] = field(default_factory=list)
+
+
+def _merge(ranked: Sequence[Candidate]) -> dict[str, Any]:
+    """Fields of later records override earlier ones, but an empty value never erases."""
+    merged: dict[str, Any] = {}
+    for candidate in ranked:
+        for name, value in candidate.row.items():
+            if (value is not None and value != "") or name not in merged:
+                merged[name] = value
+    return merged
+
+
+class Ledger:
+    """Who holds each key so far in this run."""
+
+    def __init__(self, policy: Policy, *, directory: Path | None = None) -> None:
+        self.policy = policy
+        self._dir = tempfile.TemporaryDirectory(prefix="custsync-run-", dir=directory)
+        self._db = sqlite3.connect(Path(self._dir.name) / "ledger.db", isolation_level=None)
+        self._db.execute("PRAGMA journal_mode = OFF")
+        self._db.execute("PRAGMA synchronous = OFF")
+        self._db.execute("CREATE TABLE holder (key BLOB PRIMARY KEY, entry BLOB NOT NULL)")
+        self._seen = 0
+
+    def close(self) -> None:
+        self._db.close()
+        self._dir.cleanup()
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @staticmethod
+    def _key(key: Key) -> bytes:
+        return orjson.dumps(list(key), default=str)
+
+    def _holders(self, keys: Sequence[Key]) -> dict[Key, Candidate]:
+        if self._seen == 0:
+            return {}
+        found: dict[Key, Candidate] = {}
+        encoded = [self._key(k) for k in keys]
+        for start in range(0, len(encoded), _CHUNK):
+            chunk = encoded[start : start + _CHUNK]
+            marks = ",".join("?" * len(chunk))
+            for _, entry in self._db.execute(
+                f"SELECT key, entry FROM holder WHERE key IN ({marks})", chunk
+            ):
+                candidate: Candidate = pickle.loads(entry)
+                found[candidate.key] = candidate
+        return found
+
+    def resolve(self, candidates: Sequence[Candidate]) -> Resolution:
+        groups: dict[Key, list[Candidate]] = {}
+        for candidate in candidates:
+            groups.setdefault(candidate.key, []).append(candidate)
+        holders = self._holders(list(groups))
+        result = Resolution()
+        for key, group in groups.items():
+            holder = holders.get(key)
+            contenders = ([holder] if holder is not None else []) + group
+            if len(contenders) == 1:
+                result.winners.append(group[0])
+                continue
+            if self.policy in ("keep_first", "reject"):
+                winner = contenders[0]  # the holder, when there is one, came first
+            else:
+                winner = max(contenders, key=Candidate.rank)
+            for loser in contenders:
+                if loser is not winner and loser is not holder:
+                    result.losers.append((loser, winner))
+            if self.policy == "merge":
+                merged = _merge(sorted(contenders, key=Candidate.rank))
+                if winner is holder:
+                    if merged != holder.row:
+                        # The holder keeps the key but gains fields from older records.
+                        result.rewrites.append(
+                            Candidate(
+                                key,
+                                holder.ts,
+                                holder.seq,
+                                holder.source_id,
+                                holder.record,
+                                merged,
+                                holder.outcome,
+                            )
+                        )
+                    continue
+                winner.row = merged
+            if winner is holder:
+                continue
+            result.winners.append(winner)
+            if holder is not None:
+                result.unseated[key] = holder
+        return result
+
+    def commit(self, holders: Sequence[Candidate]) -> None:
+        """Record the new holders of their keys (after the target's write)."""
+        if not holders:
+            return
+        self._seen += len(holders)
+        self._db.executemany(
+            "INSERT OR REPLACE INTO holder (key, entry) VALUES (?, ?)",
+            [
+                (self._key(c.key), pickle.dumps(c, protocol=pickle.HIGHEST_PROTOCOL))
+                for c in holders
+            ],
+        )

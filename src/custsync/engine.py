@@ -1,0 +1,598 @@
+"""The run: source -> validate -> map -> dedupe -> upsert -> checkpoint.
+
+Only this module knows all the stages. A run takes the job's lock, reads the state,
+streams batches through the stages, and records progress only after the target has
+committed a batch: an ordered source checkpoints inside a read, an unordered one (files)
+moves the watermark once its whole input is committed. Whatever stops a run, a re-run
+ends with the target a clean run would have left.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, cast
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from custsync import plugins
+from custsync.config import JobConfig, build_job, load_job_file
+from custsync.dedupe import Candidate, Ledger, Resolution
+from custsync.errors import (
+    ConfigError,
+    CustsyncError,
+    FieldError,
+    LockedError,
+)
+from custsync.mapping import is_empty
+from custsync.model import Customer, normalize, parse_timestamp, redact, validate_batch
+from custsync.rejects import Reject, RejectsWriter, read_rejects
+from custsync.sources.base import Checkpoint, RawRecord, Source, SourceBatch
+from custsync.state import StateStore
+from custsync.targets.base import Outcome, Previewable, RowResult, RowSchema, Target
+
+log = logging.getLogger("custsync")
+
+COUNTS = (
+    "read",
+    "inserted",
+    "updated",
+    "unchanged",
+    "unknown",
+    "stale",
+    "skipped",
+    "duplicates",
+    "rejected",
+)
+EXIT_CODES = {
+    "ok": 0,
+    "failed": 1,
+    "interrupted": 1,
+    "config_error": 2,
+    "rejects_exceeded": 3,
+    "locked": 75,
+}
+
+
+@dataclass
+class RunResult:
+    """What a run did. Every record read lands in exactly one of the counts."""
+
+    job: str
+    run_id: str | None
+    status: str
+    read: int = 0
+    inserted: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    unknown: int = 0
+    stale: int = 0
+    skipped: int = 0
+    duplicates: int = 0
+    rejected: int = 0
+    watermark: datetime | None = None
+    duration_s: float = 0.0
+    dry_run: bool = False
+    error: str | None = None
+    rejects_path: Path | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_CODES.get(self.status, 1)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def counts(self) -> dict[str, int]:
+        return {name: int(getattr(self, name)) for name in COUNTS}
+
+    def as_dict(self) -> dict[str, Any]:
+        """The ``--json`` summary: DESIGN.md's keys, in its order."""
+        return {
+            "job": self.job,
+            "run_id": self.run_id,
+            "status": self.status,
+            **self.counts(),
+            "watermark": _iso(self.watermark),
+            "duration_s": round(self.duration_s, 3),
+        }
+
+    def __repr__(self) -> str:
+        counts = ", ".join(f"{k}={v}" for k, v in self.counts().items() if v)
+        dry = " dry_run" if self.dry_run else ""
+        return f"<RunResult {self.job} {self.status}{dry}: {counts or 'nothing read'}>"
+
+    def _repr_html_(self) -> str:
+        cells = "".join(f"<td>{v}</td>" for v in self.counts().values())
+        heads = "".join(f"<th>{k}</th>" for k in COUNTS)
+        return (
+            f"<p><b>{self.job}</b>: {self.status}{' (dry run)' if self.dry_run else ''}, "
+            f"watermark {_iso(self.watermark)}</p><table><tr>{heads}</tr><tr>{cells}</tr></table>"
+        )
+
+
+def _iso(value: datetime | None) -> str | None:
+    if value is None:
+        return None
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+Progress = Callable[[Mapping[str, int]], None]
+
+
+class Job:
+    """A sync job: ``Job.from_file("job.toml").run()``."""
+
+    def __init__(self, config: JobConfig) -> None:
+        self.config = config
+
+    @classmethod
+    def from_file(cls, path: str | Path, *, env: Mapping[str, str] | None = None) -> Job:
+        return cls(load_job_file(path, env=env))
+
+    @classmethod
+    def from_dict(
+        cls, data: Mapping[str, Any], *, base_dir: str | Path | None = None, name: str = "job"
+    ) -> Job:
+        """The job file's structure as a dict; relative paths resolve against ``base_dir``
+        (default: the current folder)."""
+        folder = Path(base_dir) if base_dir is not None else Path.cwd()
+        return cls(build_job(data, base_dir=folder.resolve(), default_name=name))
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (
+            f"<Job {c.name}: {c.source.connector} -> {c.target.connector} "
+            f"({c.mapping.name}, key {', '.join(c.schema_.key)})>"
+        )
+
+    def state_store(self) -> StateStore:
+        return StateStore(self.config.state_url)
+
+    def make_source(self) -> Source:
+        connector = plugins.find("source", self.config.source.connector)
+        return cast(Source, connector.factory(self.config.source, base_dir=self.config.base_dir))
+
+    def make_target(self) -> Target:
+        connector = plugins.find("target", self.config.target.connector)
+        return cast(Target, connector.factory(self.config.target, base_dir=self.config.base_dir))
+
+    def run(
+        self,
+        *,
+        dry_run: bool = False,
+        full_refresh: bool = False,
+        since: datetime | None = None,
+        limit: int | None = None,
+        from_rejects: str | Path | None = None,
+        progress: Progress | None = None,
+        stop: threading.Event | None = None,
+    ) -> RunResult:
+        """Run the job once. Never raises for a run that started: the result says how it
+        ended (``status``, ``exit_code``, ``error``). A bad job raised at load already."""
+        run = _Run(
+            self,
+            dry_run=dry_run,
+            full_refresh=full_refresh,
+            since=since,
+            limit=limit,
+            from_rejects=Path(from_rejects) if from_rejects is not None else None,
+            progress=progress,
+            stop=stop or threading.Event(),
+        )
+        return run.execute()
+
+
+class _ReplaySource:
+    """Records of a rejects file, for ``--from-rejects``: they are Customer-shaped already
+    (after any inbound mapping), so they go straight to validation."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def read(
+        self, *, since: datetime | None, cursor: Mapping[str, Any] | None, batch_size: int
+    ) -> Iterator[SourceBatch]:
+        batch: list[RawRecord] = []
+        for number, line in read_rejects(self.path):
+            record = line.get("record")
+            origin = f"{self.path.name}:{number}"
+            if not isinstance(record, dict):
+                continue
+            if "_raw" in record and len(record) == 1:
+                batch.append(RawRecord(record, origin, error="unparsed input, fix it in the file"))
+            else:
+                batch.append(RawRecord(normalize(record), origin))
+            if len(batch) >= batch_size:
+                yield SourceBatch(batch)
+                batch = []
+        if batch:
+            yield SourceBatch(batch)
+
+    def close(self) -> None:
+        pass
+
+
+class _Run:
+    def __init__(
+        self,
+        job: Job,
+        *,
+        dry_run: bool,
+        full_refresh: bool,
+        since: datetime | None,
+        limit: int | None,
+        from_rejects: Path | None,
+        progress: Progress | None,
+        stop: threading.Event,
+    ) -> None:
+        self.job = job
+        self.config = job.config
+        self.dry_run = dry_run
+        self.full_refresh = full_refresh or self.config.sync.mode == "full"
+        self.since_arg = since
+        self.limit = limit
+        self.replay = from_rejects
+        self.progress = progress
+        self.stop = stop
+        self.run_id = f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
+        self.counts: Counter[str] = Counter()
+        self.seq = 0
+        self.max_seen: datetime | None = None
+        self.schema: RowSchema = self.config.schema_
+        self.notes: list[str] = []
+
+    # --- the run as a list of stages --------------------------------------------------
+
+    def execute(self) -> RunResult:
+        started = time.monotonic()
+        result = RunResult(
+            self.config.name,
+            self.run_id,
+            "failed",
+            dry_run=self.dry_run,
+            rejects_path=self.config.rejects_path,
+        )
+        try:
+            store = StateStore(self.config.state_url)
+        except CustsyncError as exc:
+            result.error = str(exc)
+            result.status = "config_error" if isinstance(exc, ConfigError) else "failed"
+            return result
+        try:
+            if self.dry_run:
+                self._locked_run(store, result)
+            else:
+                with store.lock(self.config.name):
+                    self._locked_run(store, result)
+        except LockedError as exc:
+            result.status, result.error = "locked", str(exc)
+            result.run_id = None
+        finally:
+            store.close()
+            result.duration_s = time.monotonic() - started
+            for name in COUNTS:
+                setattr(result, name, self.counts[name])
+            result.notes = self.notes
+        return result
+
+    def _locked_run(self, store: StateStore, result: RunResult) -> None:
+        state = store.get(self.config.name)
+        since, cursor = self._lower_bound(state.watermark, state.cursor)
+        result.watermark = state.watermark
+        if not self.dry_run:
+            store.start_run(
+                self.config.name,
+                run_id=self.run_id,
+                dry_run=False,
+                watermark_before=state.watermark,
+            )
+        rejects = RejectsWriter(self.config.rejects_path, run_id=self.run_id, dry_run=self.dry_run)
+        status, error, last_checkpoint, completed = "failed", None, None, False
+        source: Source | None = None
+        target: Target | None = None
+        try:
+            source = _ReplaySource(self.replay) if self.replay else self.job.make_source()
+            target = self.job.make_target()
+            self.notes += target.prepare(self.schema, create=not self.dry_run)
+            with Ledger(self.config.sync.duplicates) as ledger:
+                batches = source.read(
+                    since=since, cursor=cursor, batch_size=self.config.sync.batch_size
+                )
+                for batch in batches:
+                    self._process(batch, since, target, ledger, rejects)
+                    rejects.flush()
+                    if batch.checkpoint is not None:
+                        last_checkpoint = batch.checkpoint
+                        self._checkpoint(store, batch.checkpoint)
+                    if self.progress is not None:
+                        self.progress(self.counts)
+                    if self.stop.is_set() or (
+                        self.limit is not None and self.counts["read"] >= self.limit
+                    ):
+                        break
+                else:
+                    completed = True
+            status = "ok" if completed or not self.stop.is_set() else "interrupted"
+        except KeyboardInterrupt:
+            status, error = "interrupted", "interrupted by Ctrl-C"
+        except ConfigError as exc:
+            status, error = "config_error", str(exc)
+        except (CustsyncError, SQLAlchemyError, OSError) as exc:
+            status, error = "failed", f"{type(exc).__name__}: {exc}"
+            log.error("run %s of %s failed: %s", self.run_id, self.config.name, error)
+        finally:
+            for closeable in (source, target):
+                if closeable is not None:
+                    try:
+                        closeable.close()
+                    except Exception:
+                        log.warning("closing %r failed", closeable, exc_info=True)
+            rejects.close()
+        if self.stop.is_set() and status == "ok" and not completed:
+            status = "interrupted"
+
+        watermark = state.watermark
+        if completed and status == "ok" and not self.dry_run and not self.replay:
+            if last_checkpoint is None:
+                # An unordered source: the watermark moves only now that all is committed.
+                self._checkpoint(store, Checkpoint(self.max_seen, None))
+            watermark = store.get(self.config.name).watermark
+        elif not self.dry_run and last_checkpoint is not None:
+            watermark = store.get(self.config.name).watermark
+        if status == "ok" and self.config.sync.rejects_exceeded(
+            self.counts["rejected"], self.counts["read"]
+        ):
+            status = "rejects_exceeded"
+        result.status, result.error, result.watermark = status, error, watermark
+        if not self.dry_run:
+            store.finish_run(
+                self.run_id,
+                status=status,
+                counts=dict(self.counts),
+                watermark_after=watermark,
+                error=error,
+            )
+
+    def _lower_bound(
+        self, watermark: datetime | None, cursor: Mapping[str, Any] | None
+    ) -> tuple[datetime | None, Mapping[str, Any] | None]:
+        if self.replay is not None:
+            return None, None  # a replay ignores (and keeps) the watermark
+        if self.since_arg is not None:
+            since = self.since_arg
+            return (since.replace(tzinfo=UTC) if since.tzinfo is None else since), None
+        if self.full_refresh or self.config.sync.compare == "content" or watermark is None:
+            return None, None
+        return watermark - self.config.sync.lookback, cursor
+
+    def _checkpoint(self, store: StateStore, checkpoint: Checkpoint) -> None:
+        if self.dry_run or self.replay is not None:
+            return
+        store.checkpoint(self.config.name, watermark=checkpoint.watermark, cursor=checkpoint.cursor)
+
+    # --- one batch --------------------------------------------------------------------
+
+    def _process(
+        self,
+        batch: SourceBatch,
+        since: datetime | None,
+        target: Target,
+        ledger: Ledger,
+        rejects: RejectsWriter,
+    ) -> None:
+        counts = self.counts
+        counts["read"] += len(batch.records) + batch.skipped
+        counts["skipped"] += batch.skipped
+        for note in batch.notes:
+            log.info("%s", note)
+            self.notes.append(note)
+
+        def reject(
+            stage: Any,
+            source_id: str | None,
+            errors: Sequence[FieldError],
+            record: Mapping[str, Any] | None,
+            key: Any = None,
+            duplicate_of: str | None = None,
+            count: str = "rejected",
+        ) -> None:
+            counts[count] += 1
+            rejects.add(Reject(stage, source_id, key, errors, record, duplicate_of))
+
+        # Parse errors, inbound mapping, and records older than the lower bound.
+        live: list[tuple[RawRecord, dict[str, Any]]] = []
+        inbound = self.config.inbound
+        for raw in batch.records:
+            if raw.error is not None:
+                reject("validate", raw.origin, [FieldError("record", raw.error)], raw.data)
+                continue
+            data = raw.data
+            if inbound is not None:
+                mapped = inbound.apply([data])[0]
+                if isinstance(mapped, list):
+                    reject("validate", raw.origin, mapped, data)
+                    continue
+                data = mapped
+            ts = parse_timestamp(data.get("updated_at"))
+            if ts is not None:
+                if self.max_seen is None or ts > self.max_seen:
+                    self.max_seen = ts
+                if since is not None and ts < since:
+                    counts["skipped"] += 1
+                    continue
+            live.append((raw, data))
+
+        # Validation, environment, outbound mapping, keys.
+        environment = self.config.source.environment
+        candidates: list[Candidate] = []
+        validated = validate_batch([data for _, data in live])
+        mapping, key_columns = self.config.mapping, self.schema.key
+        for (raw, data), customer in zip(live, validated, strict=True):
+            source_id = _source_id(data, raw.origin)
+            if not isinstance(customer, Customer):
+                reject("validate", source_id, customer, data)
+                continue
+            mode = customer.mode
+            if environment is not None and mode is not None and mode != environment:
+                reject(
+                    "validate",
+                    source_id,
+                    [
+                        FieldError(
+                            "meta.mode",
+                            f"a {mode} record in a job for the {environment} environment",
+                        )
+                    ],
+                    data,
+                )
+                continue
+            row = mapping.apply([customer])[0]
+            if isinstance(row, list):
+                reject("map", source_id, row, data)
+                continue
+            missing = []
+            for column in key_columns:
+                value = row.get(column)
+                if isinstance(value, str):
+                    value = row[column] = value.strip()
+                if is_empty(value):
+                    missing.append(column)
+            if missing:
+                reject(
+                    "map",
+                    source_id,
+                    [
+                        FieldError(c, f"no value for the key ({_paths_of(mapping, c)} all empty)")
+                        for c in missing
+                    ],
+                    data,
+                )
+                continue
+            self.seq += 1
+            candidates.append(
+                Candidate(
+                    tuple(row[c] for c in key_columns),
+                    customer.updated_at,
+                    self.seq,
+                    source_id,
+                    redact(data),
+                    row,
+                )
+            )
+
+        # Duplicate keys across the run, then the write.
+        resolution = ledger.resolve(candidates)
+        reject_count = "rejected" if self.config.sync.duplicates == "reject" else "duplicates"
+        for loser, winner in resolution.losers:
+            reject(
+                "dedupe",
+                loser.source_id,
+                [
+                    FieldError(
+                        ",".join(key_columns),
+                        f"duplicate key: {self.config.sync.duplicates} kept {winner.source_id}",
+                    )
+                ],
+                loser.record,
+                key=loser.key,
+                duplicate_of=winner.source_id,
+                count=reject_count,
+            )
+        self._write(resolution, target, ledger, rejects, reject)
+
+    def _write(
+        self,
+        resolution: Resolution,
+        target: Target,
+        ledger: Ledger,
+        rejects: RejectsWriter,
+        reject: Callable[..., None],
+    ) -> None:
+        winners = resolution.winners
+        rows = [c.row for c in winners] + [c.row for c in resolution.rewrites]
+        if not rows:
+            return
+        if self.dry_run:
+            if isinstance(target, Previewable):
+                results: Sequence[RowResult] = target.preview(rows)
+            else:
+                results = [RowResult(self.schema.key_of(r), Outcome.UNKNOWN) for r in rows]
+        else:
+            results = target.write(rows)
+        by_key = {r.key: r for r in results}
+        counts = self.counts
+        committed: list[Candidate] = []
+        for candidate in winners:
+            result = by_key.get(candidate.key)
+            if result is None:
+                result = RowResult(candidate.key, Outcome.FAILED, "the target reported nothing")
+            outcome = result.outcome
+            if outcome is Outcome.FAILED:
+                reject(
+                    "load",
+                    candidate.source_id,
+                    [FieldError(",".join(self.schema.key), result.message or "refused")],
+                    candidate.record,
+                    key=candidate.key,
+                )
+                continue
+            unseated = resolution.unseated.get(candidate.key)
+            if unseated is not None:
+                # An earlier record held this key and now loses to this one: it moves from
+                # its count to duplicates, and to the rejects file.
+                previous = Outcome(unseated.outcome) if unseated.outcome else Outcome.UNKNOWN
+                counts[previous.value] -= 1
+                counts["duplicates"] += 1
+                rejects.add(
+                    Reject(
+                        "dedupe",
+                        unseated.source_id,
+                        unseated.key,
+                        [
+                            FieldError(
+                                ",".join(self.schema.key),
+                                f"duplicate key: {self.config.sync.duplicates} kept "
+                                f"{candidate.source_id}",
+                            )
+                        ],
+                        unseated.record,
+                        candidate.source_id,
+                    )
+                )
+                if previous is Outcome.INSERTED and outcome in (Outcome.UPDATED, Outcome.UNCHANGED):
+                    outcome = Outcome.INSERTED  # the key is new to the target in this run
+            counts[outcome.value] += 1
+            candidate.outcome = outcome.value
+            committed.append(candidate)
+        for rewrite in resolution.rewrites:
+            if by_key.get(rewrite.key, RowResult(rewrite.key, Outcome.FAILED)).outcome is not (
+                Outcome.FAILED
+            ):
+                committed.append(rewrite)
+        ledger.commit(committed)
+
+
+def _source_id(data: Mapping[str, Any], origin: str) -> str:
+    identifier = data.get("id")
+    return str(identifier) if identifier not in (None, "") else origin
+
+
+def _paths_of(mapping: Any, column: str) -> str:
+    for compiled in mapping.fields:
+        if compiled.name == column:
+            return ", ".join(compiled.paths) or "its value"
+    return column

@@ -1,0 +1,1 @@
+"""Sources: where customers are read from."""

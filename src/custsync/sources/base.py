@@ -1,0 +1,83 @@
+"""The Source protocol: what every reader of customers provides to the engine."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal, Protocol, runtime_checkable
+
+from pydantic import BaseModel, ConfigDict
+
+
+@dataclass(slots=True)
+class RawRecord:
+    """One record as read, before validation.
+
+    ``data`` is Customer-shaped (the source normalised a Commerce Layer form) unless the
+    source has an inbound mapping, in which case it is the row as the file has it.
+    ``origin`` says where it came from (``customers.jsonl:12#3``) for messages.
+    """
+
+    data: dict[str, Any]
+    origin: str
+    # Set when the record could not even be parsed (a malformed JSON line, a CSV row with
+    # too many cells); ``data`` then holds ``{"_raw": <the text>}`` for the rejects file.
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """What an ordered source lets the engine record once a batch is committed."""
+
+    watermark: datetime | None
+    cursor: Mapping[str, Any] | None
+
+
+@dataclass(slots=True)
+class SourceBatch:
+    """Records read together. ``checkpoint`` is set by ordered sources only: an unordered
+    source (files) lets the engine advance the watermark once its whole input is read."""
+
+    records: list[RawRecord]
+    checkpoint: Checkpoint | None = None
+    skipped: int = 0  # records the source itself left out as older than ``since``
+    notes: list[str] = field(default_factory=list)  # things worth a log line (an encoding guessed)
+
+
+@runtime_checkable
+class Source(Protocol):
+    """Reads customers in batches. ``since`` is the lower bound on ``updated_at`` (records
+    below it may be dropped by the source and counted in ``SourceBatch.skipped``); ``cursor``
+    is what the source returned in its last committed checkpoint, to resume a read."""
+
+    def read(
+        self,
+        *,
+        since: datetime | None,
+        cursor: Mapping[str, Any] | None,
+        batch_size: int,
+    ) -> Iterator[SourceBatch]: ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class Checkable(Protocol):
+    """A source or target that can say whether it is reachable, for ``custsync check``."""
+
+    def check(self) -> list[str]:
+        """Return human-readable lines describing what was reached; raise on failure."""
+        ...
+
+
+class SourceSettings(BaseModel):
+    """The keys every source accepts; each connector extends this with its own."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    connector: str
+    # Records whose meta.mode differs are rejected; records with no meta.mode pass.
+    environment: Literal["test", "live"] | None = None
+    # An inbound mapping (preset name or path) for records that are not Commerce Layer-shaped.
+    mapping: str | None = None

@@ -1,0 +1,602 @@
+"""The ``file`` source: customers from CSV, JSON, JSON Lines and Parquet files (gzipped or not),
+streamed in batches, in every form Commerce Layer gives them, or as raw rows for a mapping."""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import csv
+import glob
+import gzip
+import io
+import os
+import re
+import shutil
+import tempfile
+import weakref
+import zlib
+from collections.abc import Callable, Generator, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any, Literal, Self
+
+import orjson
+from pydantic import Field, field_validator
+
+from custsync.errors import ConfigError, SourceError
+from custsync.model import from_flat, iter_records
+from custsync.sources.base import RawRecord, SourceBatch, SourceSettings
+
+Format = Literal["csv", "json", "jsonl", "parquet"]
+
+_SUFFIXES: dict[str, Format] = {
+    ".csv": "csv",
+    ".tsv": "csv",
+    ".json": "json",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+}
+_GZIP_MAGIC = b"\x1f\x8b"
+_DETECT_CHUNK = 1 << 20  # 1 MiB: the encoding scan reads the whole file, in flat memory
+_SNIFF_CHARS = 64 * 1024
+_DELIMITERS = ",;\t|"
+_RAW_LIMIT = 10_000  # characters of a bad line kept for the rejects file
+# Checked in order: UTF-8 first, and the UTF-16 marks Excel writes for "Unicode text".
+_BOMS: tuple[tuple[bytes, str], ...] = (
+    (codecs.BOM_UTF8, "utf-8-sig"),
+    (codecs.BOM_UTF16_LE, "utf-16"),
+    (codecs.BOM_UTF16_BE, "utf-16"),
+)
+# The five bytes Windows-1252 leaves undefined; a file holding one is read as Latin-1.
+_CP1252_UNDEFINED = re.compile(rb"[\x81\x8d\x8f\x90\x9d]")
+
+
+class FileSourceSettings(SourceSettings):
+    """``[source]`` for files: a path or glob, and how to read what it matches."""
+
+    connector: Literal["file"] = "file"
+    # A path or a glob (``**`` included); a relative one resolves against the job file's folder.
+    path: str = Field(min_length=1)
+    # Default: from the suffix (.json, .jsonl/.ndjson, .csv/.tsv, .parquet/.pq; each + .gz).
+    format: Format | None = None
+    # Text formats: detected (BOM, UTF-8, Windows-1252, Latin-1) and reported when absent.
+    encoding: str | None = None
+    # CSV: sniffed among , ; tab | when absent.
+    delimiter: str | None = None
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                codecs.lookup(value)
+            except LookupError:
+                raise ValueError(f"unknown encoding {value!r}") from None
+        return value
+
+    @field_validator("delimiter")
+    @classmethod
+    def _one_character(cls, value: str | None) -> str | None:
+        if value is not None and len(value) != 1:
+            raise ValueError(f"a delimiter is one character, got {value!r}")
+        return value
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """One matched file and how it is read, settled before the first record is read."""
+
+    path: Path
+    name: str  # as messages and origins show it
+    format: Format
+    gzipped: bool
+
+
+@dataclass(frozen=True, slots=True)
+class _Note:
+    text: str
+
+
+_Item = RawRecord | _Note
+
+
+class FileSource:
+    """Reads the files a path or glob matches, in sorted order, as one unordered input.
+
+    Files have no order to resume in, so ``since`` and ``cursor`` are ignored and no
+    checkpoint is given: the engine advances the watermark once the whole input is read.
+    """
+
+    def __init__(self, settings: FileSourceSettings, *, base_dir: Path) -> None:
+        self.settings = settings
+        self._base = Path(os.path.abspath(base_dir))
+        self._raw_rows = settings.mapping is not None
+        self._reads: weakref.WeakSet[Generator[SourceBatch, None, None]] = weakref.WeakSet()
+
+    def __repr__(self) -> str:
+        return f"FileSource(path={self.settings.path!r}, base_dir={str(self._base)!r})"
+
+    # --- the Source protocol ------------------------------------------------------------
+
+    def files(self) -> list[Path]:
+        """The files the path or glob matches, sorted; SourceError when there is none."""
+        pattern = os.path.expanduser(self.settings.path)
+        literal = Path(self._base, pattern)
+        if literal.is_file():
+            # Taken as written first: a real file name may hold glob characters ("[1]").
+            return [Path(os.path.abspath(literal))]
+        matches = glob.glob(pattern, root_dir=self._base, recursive=True)
+        found = sorted(
+            {
+                Path(os.path.abspath(self._base / match))
+                for match in matches
+                if (self._base / match).is_file()
+            }
+        )
+        if not found:
+            if literal.is_dir():
+                raise SourceError(
+                    f"{self.settings.path} is a folder: name its files with a glob such as "
+                    f"{Path(self.settings.path, '*.csv').as_posix()}"
+                )
+            raise SourceError(f"no file matches {self.settings.path} (under {self._base})")
+        return found
+
+    def read(
+        self,
+        *,
+        since: datetime | None,
+        cursor: Mapping[str, Any] | None,
+        batch_size: int,
+    ) -> Iterator[SourceBatch]:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        # Every file is matched, opened and given a format before the first batch, so a bad
+        # glob or an unknown suffix stops the run before anything is read.
+        plans = [self._plan(path) for path in self.files()]
+        batches = self._batches(plans, batch_size)
+        self._reads.add(batches)
+        return batches
+
+    def check(self) -> list[str]:
+        paths = self.files()
+        for path in paths:
+            self._plan(path)  # each file opens and has a format
+        size = sum(path.stat().st_size for path in paths)
+        count = "1 file matches" if len(paths) == 1 else f"{len(paths)} files match"
+        return [f"{count} {self.settings.path} ({_human_size(size)})"]
+
+    def close(self) -> None:
+        for batches in list(self._reads):
+            batches.close()  # closes the file a half-consumed read holds open
+        self._reads.clear()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # --- planning -----------------------------------------------------------------------
+
+    def _plan(self, path: Path) -> _Plan:
+        name = self._display(path)
+        try:
+            with path.open("rb") as f:
+                magic = f.read(2)
+        except OSError as exc:
+            raise SourceError(f"cannot open {name}: {exc.strerror or exc}") from exc
+        return _Plan(path, name, self._format_of(path), magic == _GZIP_MAGIC)
+
+    def _format_of(self, path: Path) -> Format:
+        if self.settings.format is not None:
+            return self.settings.format
+        name = path.name.lower()
+        if name.endswith(".gz"):
+            name = name[:-3]
+        found = _SUFFIXES.get(os.path.splitext(name)[1])
+        if found is None:
+            raise ConfigError(
+                f"cannot tell the format of {self._display(path)} from its name: "
+                "set format to csv, json, jsonl or parquet",
+                key="format",
+            )
+        return found
+
+    def _display(self, path: Path) -> str:
+        try:
+            return path.relative_to(self._base).as_posix()
+        except ValueError:
+            return str(path)
+
+    # --- reading ------------------------------------------------------------------------
+
+    def _batches(self, plans: list[_Plan], batch_size: int) -> Generator[SourceBatch, None, None]:
+        # Batches run across file boundaries: a glob of many small files still gives full
+        # batches. A file's notes ride on the batch that holds its first record.
+        records: list[RawRecord] = []
+        notes: list[str] = []
+        for plan in plans:
+            for item in self._items(plan, batch_size):
+                if isinstance(item, _Note):
+                    notes.append(item.text)
+                    continue
+                records.append(item)
+                if len(records) >= batch_size:
+                    yield SourceBatch(records=records, notes=notes)
+                    records, notes = [], []
+        if records:
+            yield SourceBatch(records=records, notes=notes)
+
+    def _items(self, plan: _Plan, batch_size: int) -> Iterator[_Item]:
+        readers: dict[Format, Callable[[_Plan, int], Iterator[_Item]]] = {
+            "csv": self._csv,
+            "json": self._json,
+            "jsonl": self._jsonl,
+            "parquet": self._parquet,
+        }
+        try:
+            yield from readers[plan.format](plan, batch_size)
+        except UnicodeDecodeError as exc:
+            raise SourceError(
+                f"cannot decode {plan.name} as {self.settings.encoding or exc.encoding}: "
+                f"{exc.reason}; "
+                "fix encoding in [source], or leave it out to have it detected"
+            ) from exc
+        except (OSError, EOFError, zlib.error) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise SourceError(f"cannot read {plan.name}: {reason}") from exc
+
+    def _jsonl(self, plan: _Plan, batch_size: int) -> Iterator[_Item]:
+        encoding = yield from self._encoding(plan)
+        with self._open_text(plan, encoding) as text:
+            for line_no, line in enumerate(text, 1):
+                if line.isspace():
+                    continue
+                location = f"{plan.name}:{line_no}"
+                try:
+                    value = orjson.loads(line)
+                except orjson.JSONDecodeError as exc:
+                    yield _bad(line.rstrip("\r\n"), location, _json_reason(exc))
+                    continue
+                yield from self._from_value(value, location, raw=line.rstrip("\r\n"))
+
+    def _json(self, plan: _Plan, batch_size: int) -> Iterator[_Item]:
+        encoding = yield from self._encoding(plan)
+        with self._open_text(plan, encoding) as text:
+            first = _first_significant(text)
+        if not first:
+            return
+        if first == "[":
+            yield from self._json_array(plan, encoding)
+            return
+        # Not an array: an API list document (one page, ``included`` possibly after
+        # ``data``) or a single resource, small enough to load whole.
+        with self._open_text(plan, encoding) as text:
+            content = text.read()
+        try:
+            value = orjson.loads(content)
+        except orjson.JSONDecodeError as exc:
+            hint = (
+                ' (one JSON value a line? set format = "jsonl")'
+                if exc.msg == "unexpected content after document"
+                else ""
+            )
+            raise SourceError(
+                f"{plan.name} is not valid JSON: {exc.msg} at line {exc.lineno} "
+                f"column {exc.colno}{hint}"
+            ) from exc
+        yield from self._from_value(value, plan.name, raw=content)
+
+    def _json_array(self, plan: _Plan, encoding: str) -> Iterator[_Item]:
+        import ijson
+
+        text = self._open_text(plan, encoding)
+        index = -1
+        with _Utf8Reader(text) as stream:
+            try:
+                for index, item in enumerate(ijson.items(stream, "item", use_float=True)):
+                    yield from self._from_value(item, f"{plan.name}#{index}", raw=None)
+            except ijson.JSONError as exc:
+                # A broken array cannot be resynchronised, and losing its tail quietly would
+                # be worse than stopping: the file is unreadable from here on.
+                where = f"after item {index}" if index >= 0 else "before its first item"
+                raise SourceError(
+                    f"{plan.name} is not valid JSON {where}: {_ijson_reason(exc)}"
+                ) from exc
+
+    def _from_value(self, value: Any, location: str, *, raw: str | None) -> Iterator[_Item]:
+        """The records of one parsed JSON value (a line, an array item, a whole document).
+
+        The value is all or nothing: if any part of it cannot be read, the value becomes
+        one error record, so the rejects file holds it whole.
+        """
+        if self._raw_rows:
+            if isinstance(value, dict):
+                yield RawRecord(data=value, origin=location)
+            else:
+                reason = f"expected a JSON object, got {_json_type(value)}"
+                yield _bad(_raw_text(value, raw), location, reason)
+            return
+        if not isinstance(value, dict | list):
+            reason = f"expected a JSON object, got {_json_type(value)}"
+            yield _bad(_raw_text(value, raw), location, reason)
+            return
+        try:
+            records = list(iter_records(value))
+        except ValueError as exc:
+            yield _bad(_raw_text(value, raw), location, str(exc))
+            return
+        if len(records) == 1:
+            yield RawRecord(data=records[0], origin=location)
+        else:
+            for k, record in enumerate(records):
+                yield RawRecord(data=record, origin=f"{location}#{k}")
+
+    def _csv(self, plan: _Plan, batch_size: int) -> Iterator[_Item]:
+        encoding = yield from self._encoding(plan)
+        delimiter = self.settings.delimiter
+        if delimiter is None:
+            with self._open_text(plan, encoding) as text:
+                sample = text.read(_SNIFF_CHARS)
+            delimiter = _sniff_delimiter(sample, whole=len(sample) < _SNIFF_CHARS)
+            if delimiter != ",":
+                yield _Note(f"{plan.name}: delimiter detected as {delimiter!r}")
+        with self._open_text(plan, encoding) as text:
+            tap = _LineTap(text)
+            reader = csv.reader(tap, delimiter=delimiter)
+            header: list[str] | None = None
+            row_no = 0
+            while True:
+                try:
+                    cells = next(reader)
+                except StopIteration:
+                    return
+                except csv.Error as exc:
+                    if header is None:
+                        raise SourceError(f"{plan.name}: cannot read its header: {exc}") from exc
+                    row_no += 1
+                    yield _bad(tap.take(), f"{plan.name}:row {row_no}", f"invalid CSV: {exc}")
+                    continue
+                if header is None:
+                    tap.take()
+                    if not _is_empty_row(cells):
+                        header = [_header_name(cell) for cell in cells]
+                    continue
+                row_no += 1
+                if _is_empty_row(cells):
+                    tap.take()
+                    continue
+                origin = f"{plan.name}:row {row_no}"
+                row = _csv_row(header, cells)
+                if row is None:
+                    reason = f"the row has {len(cells)} cells, the header {len(header)}"
+                    yield _bad(tap.take(), origin, reason)
+                    continue
+                tap.take()
+                yield RawRecord(data=row if self._raw_rows else from_flat(row), origin=origin)
+
+    def _parquet(self, plan: _Plan, batch_size: int) -> Iterator[_Item]:
+        # Imported here: pyarrow is slow to import and only Parquet needs it.
+        import pyarrow
+        import pyarrow.parquet as pq
+
+        with contextlib.ExitStack() as stack:
+            source: Path | IO[bytes] = plan.path
+            if plan.gzipped:
+                # Parquet reads its footer first and seeks back; a gzip stream seeks only by
+                # decompressing again, so the file is unpacked to disk once.
+                source = stack.enter_context(tempfile.TemporaryFile())
+                with gzip.open(plan.path, "rb") as packed:
+                    shutil.copyfileobj(packed, source, _DETECT_CHUNK)
+                source.seek(0)
+            try:
+                parquet = pq.ParquetFile(source)
+            except pyarrow.ArrowException as exc:
+                raise SourceError(f"{plan.name} is not a readable Parquet file: {exc}") from exc
+            with parquet:
+                index = 0
+                try:
+                    for batch in parquet.iter_batches(batch_size=batch_size):
+                        for row in batch.to_pylist(maps_as_pydicts="lossy"):
+                            data = row if self._raw_rows else from_flat(row)
+                            yield RawRecord(data=data, origin=f"{plan.name}#{index}")
+                            index += 1
+                except pyarrow.ArrowException as exc:
+                    raise SourceError(f"cannot read {plan.name} at row {index}: {exc}") from exc
+
+    # --- bytes and text -----------------------------------------------------------------
+
+    def _open_binary(self, plan: _Plan) -> io.BufferedReader | gzip.GzipFile:
+        try:
+            if plan.gzipped:
+                return gzip.open(plan.path, "rb")
+            return plan.path.open("rb")
+        except OSError as exc:
+            raise SourceError(f"cannot open {plan.name}: {exc.strerror or exc}") from exc
+
+    def _open_text(self, plan: _Plan, encoding: str) -> io.TextIOWrapper:
+        # newline="" hands line breaks inside quoted CSV cells to the csv module untouched.
+        return io.TextIOWrapper(self._open_binary(plan), encoding=encoding, newline="")
+
+    def _encoding(self, plan: _Plan) -> Generator[_Note, None, str]:
+        """The codec to read a text file with; yields a note when it had to be guessed."""
+        declared = self.settings.encoding
+        with self._open_binary(plan) as raw:
+            head = raw.read(4)
+            if declared is not None:
+                # A declared UTF-8 file may still start with a BOM; it is not data.
+                if codecs.lookup(declared).name == "utf-8" and head.startswith(codecs.BOM_UTF8):
+                    return "utf-8-sig"
+                return declared
+            for bom, codec in _BOMS:
+                if head.startswith(bom):
+                    return codec
+            utf8 = codecs.getincrementaldecoder("utf-8")()
+            is_utf8 = in_cp1252 = True
+            chunk = head + raw.read(_DETECT_CHUNK)
+            while chunk and (is_utf8 or in_cp1252):
+                if is_utf8:
+                    try:
+                        utf8.decode(chunk)
+                    except UnicodeDecodeError:
+                        is_utf8 = False
+                if in_cp1252 and _CP1252_UNDEFINED.search(chunk):
+                    in_cp1252 = False
+                chunk = raw.read(_DETECT_CHUNK)
+        if is_utf8:
+            try:
+                utf8.decode(b"", final=True)  # a sequence cut off by the end of the file
+            except UnicodeDecodeError:
+                is_utf8 = False
+        codec, label = (
+            ("utf-8", "utf-8")
+            if is_utf8
+            else ("cp1252", "windows-1252")
+            if in_cp1252
+            else ("latin-1", "latin-1")
+        )
+        yield _Note(f"{plan.name}: encoding detected as {label}")
+        return codec
+
+
+class _LineTap:
+    """Hands lines to ``csv.reader`` and keeps those of the row being parsed, so a bad row
+    reaches the rejects file as the text the file had (a cell may span lines)."""
+
+    __slots__ = ("_lines", "_taken")
+
+    def __init__(self, lines: Iterator[str]) -> None:
+        self._lines = lines
+        self._taken: list[str] = []
+
+    def __iter__(self) -> _LineTap:
+        return self
+
+    def __next__(self) -> str:
+        line = next(self._lines)
+        self._taken.append(line)
+        return line
+
+    def take(self) -> str:
+        text = "".join(self._taken) if len(self._taken) != 1 else self._taken[0]
+        self._taken.clear()
+        return text.rstrip("\r\n")
+
+
+class _Utf8Reader:
+    """A text stream re-encoded as UTF-8: ijson parses bytes, and the file may be in any
+    encoding (a BOM, Windows-1252)."""
+
+    def __init__(self, text: io.TextIOWrapper) -> None:
+        self._text = text
+
+    def read(self, size: int = -1) -> bytes:
+        return self._text.read(size).encode("utf-8")
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._text.close()
+
+
+def _csv_row(header: list[str], cells: list[str]) -> dict[str, str] | None:
+    """A data row as a dict, or None when it has cells beyond the header that hold data."""
+    width = len(header)
+    if len(cells) == width and "" not in header:
+        return dict(zip(header, cells, strict=True))
+    if len(cells) > width and not _is_empty_row(cells[width:]):
+        return None
+    row: dict[str, str] = {}
+    for i, name in enumerate(header):
+        cell = cells[i] if i < len(cells) else ""  # exporters drop trailing empty cells
+        if name:
+            row[name] = cell
+        elif cell:
+            row[f"column_{i + 1}"] = cell  # data under a header cell left empty
+    return row
+
+
+def _header_name(cell: str) -> str:
+    # A BOM survives when the file was read with a declared encoding that keeps it.
+    return cell.strip().lstrip("\ufeff").strip()
+
+
+def _is_empty_row(cells: list[str]) -> bool:
+    return not cells or all(not cell or cell.isspace() for cell in cells)
+
+
+def _sniff_delimiter(sample: str, *, whole: bool) -> str:
+    if not whole:
+        cut = sample.rfind("\n")
+        if cut > 0:
+            sample = sample[:cut]  # a cut-off last line skews the sniffer's per-line counts
+    try:
+        return csv.Sniffer().sniff(sample, delimiters=_DELIMITERS).delimiter
+    except csv.Error:
+        return ","
+
+
+def _first_significant(text: IO[str]) -> str:
+    """The first character that is not white space, or "" for a blank file."""
+    while chunk := text.read(_SNIFF_CHARS):
+        stripped = chunk.lstrip()
+        if stripped:
+            return stripped[0]
+    return ""
+
+
+def _bad(raw: str, origin: str, reason: str) -> RawRecord:
+    return RawRecord(data={"_raw": raw[:_RAW_LIMIT]}, origin=origin, error=reason)
+
+
+def _raw_text(value: Any, raw: str | None) -> str:
+    if raw is not None:
+        return raw
+    return orjson.dumps(value).decode("utf-8")
+
+
+def _json_reason(exc: orjson.JSONDecodeError) -> str:
+    return f"invalid JSON: {exc.msg} at column {exc.colno}"
+
+
+def _ijson_reason(exc: Exception) -> str:
+    # yajl quotes the text around the error; only its first line is kept, so no customer
+    # data reaches a log through the exception.
+    message = exc.args[0] if exc.args else exc
+    if isinstance(message, bytes):
+        message = message.decode("utf-8", "replace")
+    return str(message).strip().splitlines()[0] if str(message).strip() else "invalid JSON"
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return type(value).__name__
+
+
+def _human_size(size: int) -> str:
+    amount = float(size)
+    for unit in ("B", "kB", "MB", "GB"):
+        if amount < 1000:
+            return f"{amount:.0f} {unit}" if unit == "B" else f"{amount:.1f} {unit}"
+        amount /= 1000
+    return f"{amount:.1f} TB"

@@ -1,0 +1,646 @@
+"""Per-job state: the watermark, the source's opaque cursor, the run log and the job's lock.
+
+Two small tables on any SQLAlchemy URL (an SQLite file beside the job file by default),
+and a lock per job that dies with its process, so ``kill -9`` never leaves a stale one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import mysql, postgresql
+from sqlalchemy.engine import URL, Connection, Dialect, Engine
+from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
+from sqlalchemy.types import TypeDecorator, TypeEngine
+
+from custsync.errors import ConfigError, LockedError, MissingDependencyError, StateError
+
+if sys.platform == "win32":
+    import msvcrt
+
+    def _try_lock_fd(fd: int) -> None:
+        os.lseek(fd, 0, os.SEEK_SET)
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        except PermissionError as exc:
+            raise BlockingIOError(*exc.args) from exc
+
+    def _unlock_fd(fd: int) -> None:
+        os.lseek(fd, 0, os.SEEK_SET)
+        msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+
+else:
+    import fcntl
+
+    def _try_lock_fd(fd: int) -> None:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+    def _unlock_fd(fd: int) -> None:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+__all__ = ["RUN_STATUSES", "JobState", "RunRecord", "StateStore", "utcnow"]
+
+logger = logging.getLogger(__name__)
+
+#: The statuses a finished run may end with; a run reads "running" until it finishes.
+RUN_STATUSES = frozenset({"ok", "rejects_exceeded", "failed", "interrupted"})
+
+_MAX_JOB = 255
+_MAX_RUN_ID = 64
+_SQLITE_BUSY_TIMEOUT_S = 30
+
+
+def utcnow() -> datetime:
+    """The current time, aware and in UTC (the store's default clock)."""
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class JobState:
+    """What the store remembers of one job between runs."""
+
+    job: str
+    watermark: datetime | None
+    """Aware UTC; records updated before (watermark - lookback) are not read again."""
+    cursor: dict[str, Any] | None
+    """The source's own resume point (opaque JSON), or None."""
+    updated_at: datetime | None
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One line of a job's run log."""
+
+    run_id: str
+    job: str
+    started_at: datetime
+    ended_at: datetime | None
+    status: str
+    """"running" until the run finishes, then one of RUN_STATUSES."""
+    dry_run: bool
+    counts: dict[str, int]
+    watermark_before: datetime | None
+    watermark_after: datetime | None
+    error: str | None
+
+
+def _as_utc(value: datetime) -> datetime:
+    # A naive datetime is taken to be UTC already: the store never guesses a local zone.
+    if value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value.astimezone(UTC)
+
+
+class _UtcDateTime(TypeDecorator[datetime]):
+    """A timestamp that round-trips exactly (microseconds, UTC) on every backend.
+
+    SQLite: fixed-width ISO-8601 text ending in ``Z``, so text order is time order;
+    PostgreSQL: ``timestamptz``; MySQL/MariaDB: ``DATETIME(6)`` holding UTC.
+    """
+
+    impl = sa.DateTime
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        if dialect.name == "sqlite":
+            return dialect.type_descriptor(sa.String(27))
+        if dialect.name == "postgresql":
+            return dialect.type_descriptor(postgresql.TIMESTAMP(timezone=True))
+        if dialect.name in ("mysql", "mariadb"):
+            return dialect.type_descriptor(mysql.DATETIME(fsp=6))
+        return dialect.type_descriptor(sa.DateTime())
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        utc = _as_utc(value)
+        if dialect.name == "sqlite":
+            return utc.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
+        if dialect.name == "postgresql":
+            return utc
+        return utc.replace(tzinfo=None)
+
+    def process_result_value(self, value: Any | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if isinstance(value, str):
+            value = datetime.fromisoformat(value)
+        if not isinstance(value, datetime):
+            raise TypeError(f"expected a timestamp from the state store, got {type(value)}")
+        return _as_utc(value)
+
+
+_metadata = sa.MetaData()
+
+_state = sa.Table(
+    "custsync_state",
+    _metadata,
+    sa.Column("job", sa.String(_MAX_JOB), primary_key=True),
+    sa.Column("watermark", _UtcDateTime(), nullable=True),
+    sa.Column("cursor_json", sa.Text(), nullable=True),
+    sa.Column("updated_at", _UtcDateTime(), nullable=False),
+    # utf8mb4_bin on MySQL/MariaDB: job names are case-sensitive identifiers, and the
+    # default *_ci collations would make "ERP" and "erp" the same primary key.
+    mysql_charset="utf8mb4",
+    mysql_collate="utf8mb4_bin",
+)
+
+_runs = sa.Table(
+    "custsync_runs",
+    _metadata,
+    # seq breaks ties between runs started in the same microsecond (a frozen clock in tests)
+    sa.Column("seq", sa.Integer(), primary_key=True, autoincrement=True),
+    sa.Column("run_id", sa.String(_MAX_RUN_ID), nullable=False, unique=True),
+    sa.Column("job", sa.String(_MAX_JOB), nullable=False),
+    sa.Column("started_at", _UtcDateTime(), nullable=False),
+    sa.Column("ended_at", _UtcDateTime(), nullable=True),
+    sa.Column("status", sa.String(32), nullable=False),
+    sa.Column("dry_run", sa.Boolean(), nullable=False),
+    sa.Column("counts_json", sa.Text(), nullable=False),
+    sa.Column("watermark_before", _UtcDateTime(), nullable=True),
+    sa.Column("watermark_after", _UtcDateTime(), nullable=True),
+    sa.Column("error", sa.Text(), nullable=True),
+    sa.Index("ix_custsync_runs_job_started", "job", "started_at"),
+    mysql_charset="utf8mb4",
+    mysql_collate="utf8mb4_bin",
+)
+
+_EXTRAS = {"postgresql": "postgres", "mysql": "mysql", "mariadb": "mysql"}
+
+
+class StateStore:
+    """The watermark, cursor, run log and lock of every job, in one SQL database.
+
+    Every public write runs in its own short transaction and is committed before the
+    method returns. The tables (``custsync_state``, ``custsync_runs``) are created when
+    absent; nothing is ever dropped.
+
+    Locks never wait: a held lock raises :class:`LockedError` at once. Each dies with its
+    process:
+
+    - SQLite: an OS file lock (``flock``) on ``<lock_dir>/<job>.lock``; ``lock_dir``
+      defaults to the folder of the database file. The pid written into the file is for
+      humans only and is never read back.
+    - PostgreSQL: ``pg_try_advisory_lock`` on a connection of its own, held open while
+      the lock is held (key: a 63-bit hash of ``"custsync:" + job``).
+    - MySQL/MariaDB: ``GET_LOCK(name, 0)`` on a connection of its own; the name holds a
+      hash of the database and the job (GET_LOCK names are server-wide, at most 64
+      characters and compared case-insensitively) followed by the job's name.
+    - any other database: the file lock, in ``lock_dir`` or else a folder in the system
+      temp dir. It only keeps out runs on the same machine.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        lock_dir: Path | None = None,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        parsed = _parse_url(url)
+        self._clock = clock
+        self._password = parsed.password
+        self._display = parsed.render_as_string(hide_password=True)
+        backend = parsed.get_backend_name()
+        sqlite_file = _sqlite_file(parsed) if backend == "sqlite" else None
+        if sqlite_file is not None:
+            # an absolute path, so a later chdir cannot point the store elsewhere
+            parsed = parsed.set(database=str(sqlite_file))
+            self._display = parsed.render_as_string(hide_password=True)
+            try:
+                sqlite_file.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StateError(
+                    f"state store {self._display}: cannot create its folder: {exc.strerror}"
+                ) from exc
+        if lock_dir is not None:
+            self._lock_dir = lock_dir.absolute()
+        elif sqlite_file is not None:
+            self._lock_dir = sqlite_file.parent
+        else:
+            url_hash = hashlib.blake2b(self._display.encode(), digest_size=8).hexdigest()
+            self._lock_dir = Path(tempfile.gettempdir()) / "custsync-locks" / url_hash
+        self._engine = _create_engine(parsed, self._display)
+        try:
+            self._create_tables()
+        except BaseException:
+            self._engine.dispose()
+            raise
+
+    @classmethod
+    def for_job_file(cls, job_file: Path) -> StateStore:
+        """The default store of a job: SQLite at ``<job dir>/.custsync/state.db``."""
+        path = job_file.absolute().parent / ".custsync" / "state.db"
+        return cls(URL.create("sqlite", database=str(path)).render_as_string())
+
+    def __repr__(self) -> str:
+        return f"StateStore({self._display!r})"
+
+    # -- state --------------------------------------------------------------------------
+
+    def get(self, job: str) -> JobState:
+        """The job's state; a job never seen has no watermark, cursor or update time."""
+        with self._failures(f"read the state of job {job!r}"), self._engine.connect() as conn:
+            row = conn.execute(sa.select(_state).where(_state.c.job == job)).first()
+        if row is None:
+            return JobState(job, None, None, None)
+        return _job_state(row)
+
+    def jobs(self) -> list[JobState]:
+        """Every job the store knows (from its state or its run log), by name."""
+        with self._failures("list the jobs"), self._engine.connect() as conn:
+            states = {row.job: _job_state(row) for row in conn.execute(sa.select(_state))}
+            logged = conn.execute(sa.select(_runs.c.job).distinct()).scalars().all()
+        for job in logged:
+            states.setdefault(job, JobState(job, None, None, None))
+        return [states[job] for job in sorted(states)]
+
+    def checkpoint(
+        self,
+        job: str,
+        *,
+        watermark: datetime | None,
+        cursor: Mapping[str, Any] | None,
+    ) -> None:
+        """Record progress after the target committed a batch; durable when it returns.
+
+        The watermark never moves backwards here: the store keeps the later of the old
+        and the new one, and a new ``None`` keeps the old one. The cursor is replaced as
+        given (``None`` clears it).
+        """
+        _check_job(job)
+        cursor_json = self._dump(cursor, "cursor")
+        updates: dict[str, Any] = {"cursor_json": cursor_json, "updated_at": self._now()}
+        if watermark is not None:
+            new = sa.literal(_as_utc(watermark), _UtcDateTime())
+            old = _state.c.watermark
+            # One statement compares and sets, so no read can go stale in between.
+            updates["watermark"] = sa.case((sa.or_(old.is_(None), old < new), new), else_=old)
+        inserts = {**updates, "watermark": watermark}
+        self._upsert(job, updates, inserts, "checkpoint")
+
+    def set_watermark(self, job: str, watermark: datetime | None) -> None:
+        """Put the watermark anywhere, backwards included (``state set``); clears the cursor."""
+        _check_job(job)
+        values = {"watermark": watermark, "cursor_json": None, "updated_at": self._now()}
+        self._upsert(job, values, values, "set the watermark")
+
+    def reset(self, job: str) -> None:
+        """Forget the job's watermark and cursor; its run log stays."""
+        with self._failures(f"reset job {job!r}"), self._engine.begin() as conn:
+            conn.execute(sa.delete(_state).where(_state.c.job == job))
+
+    # -- run log ------------------------------------------------------------------------
+
+    def start_run(
+        self,
+        job: str,
+        *,
+        run_id: str,
+        dry_run: bool,
+        watermark_before: datetime | None,
+    ) -> None:
+        """Log a run as "running"; ``run_id`` must be new (at most 64 characters)."""
+        _check_job(job)
+        if not run_id or len(run_id) > _MAX_RUN_ID:
+            raise ValueError(f"a run id has 1 to {_MAX_RUN_ID} characters, got {len(run_id)}")
+        row = {
+            "run_id": run_id,
+            "job": job,
+            "started_at": self._now(),
+            "status": "running",
+            "dry_run": dry_run,
+            "counts_json": "{}",
+            "watermark_before": watermark_before,
+        }
+        with self._failures(f"start run {run_id!r} of job {job!r}"), self._engine.begin() as conn:
+            conn.execute(sa.insert(_runs).values(row))
+
+    def finish_run(
+        self,
+        run_id: str,
+        *,
+        status: str,
+        counts: Mapping[str, int],
+        watermark_after: datetime | None,
+        error: str | None = None,
+    ) -> None:
+        """Close a logged run with its outcome (one of ``RUN_STATUSES``) and counts."""
+        if status not in RUN_STATUSES:
+            raise ValueError(f"a run finishes as one of {sorted(RUN_STATUSES)}, not {status!r}")
+        values = {
+            "ended_at": self._now(),
+            "status": status,
+            "counts_json": self._dump(dict(counts), "counts"),
+            "watermark_after": watermark_after,
+            "error": error,
+        }
+        with self._failures(f"finish run {run_id!r}"), self._engine.begin() as conn:
+            result = conn.execute(sa.update(_runs).where(_runs.c.run_id == run_id).values(values))
+            found = result.rowcount
+        if found == 0:
+            raise StateError(f"state store {self._display}: no run {run_id!r} was started")
+
+    def runs(self, job: str, *, limit: int = 10) -> list[RunRecord]:
+        """The job's latest runs, newest first."""
+        query = (
+            sa.select(_runs)
+            .where(_runs.c.job == job)
+            .order_by(_runs.c.started_at.desc(), _runs.c.seq.desc())
+            .limit(max(limit, 0))
+        )
+        with self._failures(f"read the runs of job {job!r}"), self._engine.connect() as conn:
+            rows = conn.execute(query).all()
+        return [
+            RunRecord(
+                run_id=row.run_id,
+                job=row.job,
+                started_at=row.started_at,
+                ended_at=row.ended_at,
+                status=row.status,
+                dry_run=bool(row.dry_run),
+                counts=json.loads(row.counts_json),
+                watermark_before=row.watermark_before,
+                watermark_after=row.watermark_after,
+                error=row.error,
+            )
+            for row in rows
+        ]
+
+    # -- lock ---------------------------------------------------------------------------
+
+    @contextmanager
+    def lock(self, job: str) -> Iterator[None]:
+        """Hold the job's lock for the block; raises :class:`LockedError` at once if held.
+
+        The lock is released when the block exits, by an exception too, and by the
+        operating system or the database server when the process dies.
+        """
+        _check_job(job)
+        backend = self._engine.dialect.name
+        held: AbstractContextManager[None]
+        if backend == "postgresql":
+            key = _pg_lock_key(job)
+            held = self._server_lock(
+                job,
+                sa.text("SELECT pg_try_advisory_lock(CAST(:key AS BIGINT))"),
+                sa.text("SELECT pg_advisory_unlock(CAST(:key AS BIGINT))"),
+                {"key": key},
+            )
+        elif backend in ("mysql", "mariadb"):
+            name = _mysql_lock_name(self._engine.url.database or "", job)
+            held = self._server_lock(
+                job,
+                sa.text("SELECT GET_LOCK(:name, 0)"),
+                sa.text("SELECT RELEASE_LOCK(:name)"),
+                {"name": name},
+            )
+        else:
+            held = _file_lock(self._lock_dir / _lock_file_name(job), job)
+        with held:
+            yield
+
+    @contextmanager
+    def _server_lock(
+        self,
+        job: str,
+        acquire: sa.TextClause,
+        release: sa.TextClause,
+        params: dict[str, Any],
+    ) -> Iterator[None]:
+        # A session-level lock on a connection of its own, in autocommit so the session
+        # never sits idle in a transaction while the run goes on.
+        with self._failures(f"lock job {job!r}"):
+            conn = self._engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+            try:
+                got = conn.execute(acquire, params).scalar()
+            except BaseException:
+                conn.invalidate()
+                conn.close()
+                raise
+        if got != 1:
+            conn.close()
+            raise LockedError(job)
+        try:
+            yield
+        finally:
+            _release_server_lock(conn, release, params, job)
+
+    # -- life cycle ---------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the store's connections."""
+        self._engine.dispose()
+
+    def __enter__(self) -> StateStore:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- helpers ------------------------------------------------------------------------
+
+    def _now(self) -> datetime:
+        return _as_utc(self._clock())
+
+    def _dump(self, value: Mapping[str, Any] | None, what: str) -> str | None:
+        if value is None:
+            return None
+        try:
+            return json.dumps(dict(value), separators=(",", ":"), ensure_ascii=False)
+        except (TypeError, ValueError) as exc:
+            raise StateError(f"the {what} cannot be stored: it is not plain JSON ({exc})") from exc
+
+    def _upsert(
+        self,
+        job: str,
+        updates: Mapping[str, Any],
+        inserts: Mapping[str, Any],
+        action: str,
+    ) -> None:
+        # Update, else insert: portable across dialects. Two writers inserting the same
+        # new job at once make one of them fail on the primary key; its retry updates.
+        with self._failures(f"{action} of job {job!r}"):
+            for attempt in (1, 2):
+                try:
+                    with self._engine.begin() as conn:
+                        stmt = sa.update(_state).where(_state.c.job == job).values(dict(updates))
+                        if conn.execute(stmt).rowcount == 0:
+                            conn.execute(sa.insert(_state).values(job=job, **inserts))
+                    return
+                except IntegrityError:
+                    if attempt == 2:
+                        raise
+
+    def _create_tables(self) -> None:
+        with self._failures("create its tables"):
+            try:
+                _metadata.create_all(self._engine)
+            except SQLAlchemyError:
+                # Another process may have created them between the check and the CREATE.
+                _metadata.create_all(self._engine)
+
+    @contextmanager
+    def _failures(self, action: str) -> Iterator[None]:
+        try:
+            yield
+        except SQLAlchemyError as exc:
+            reason = _reason(exc, self._password)
+            raise StateError(f"state store {self._display}: could not {action}: {reason}") from exc
+
+
+def _parse_url(url: str) -> URL:
+    try:
+        return sa.make_url(url)
+    except (ArgumentError, ValueError) as exc:
+        # The message leaves the URL out: it may carry a password.
+        raise ConfigError("the state store URL is not a valid SQLAlchemy URL") from exc
+
+
+def _create_engine(url: URL, display: str) -> Engine:
+    backend = url.get_backend_name()
+    try:
+        if backend == "sqlite":
+            engine = sa.create_engine(url, connect_args={"timeout": _SQLITE_BUSY_TIMEOUT_S})
+            sa.event.listen(engine, "connect", _on_sqlite_connect)
+            return engine
+        # pre-ping: a long run touches the store once per batch, and servers drop idle
+        # connections (MySQL's wait_timeout) in between.
+        return sa.create_engine(url, pool_pre_ping=True)
+    except ImportError as exc:
+        extra = _EXTRAS.get(backend)
+        if extra is not None:
+            raise MissingDependencyError(f"the state store {display}", extra) from exc
+        raise ConfigError(f"the state store {display} needs a missing driver: {exc}") from exc
+    except ArgumentError as exc:
+        raise ConfigError(f"the state store {display} has an unknown database kind") from exc
+
+
+def _on_sqlite_connect(dbapi_connection: Any, connection_record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    try:
+        # WAL lets readers (`state show`) run beside a writing run; FULL makes each
+        # checkpoint survive a power cut, not just a crash.
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=FULL")
+    finally:
+        cursor.close()
+
+
+def _sqlite_file(url: URL) -> Path | None:
+    database = url.database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    if url.query.get("mode") == "memory":
+        return None
+    return Path(database).expanduser().absolute()
+
+
+def _job_state(row: sa.Row[Any]) -> JobState:
+    cursor = None if row.cursor_json is None else json.loads(row.cursor_json)
+    return JobState(row.job, row.watermark, cursor, row.updated_at)
+
+
+def _check_job(job: str) -> None:
+    if not job or len(job) > _MAX_JOB:
+        raise ConfigError(f"a job name has 1 to {_MAX_JOB} characters, got {len(job)}", key="name")
+
+
+def _reason(exc: SQLAlchemyError, password: str | None) -> str:
+    # The driver's own message, without SQLAlchemy's statement and parameters (which may
+    # hold a source's cursor); first line only, and never the URL's password.
+    orig = getattr(exc, "orig", None)
+    text = str(orig) if orig is not None else type(exc).__name__
+    text = (text.strip().splitlines() or [type(exc).__name__])[0]
+    if password:
+        text = text.replace(password, "***")
+    return text
+
+
+def _pg_lock_key(job: str) -> int:
+    digest = hashlib.blake2b(f"custsync:{job}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1  # 63 bits: always a positive bigint
+
+
+def _mysql_lock_name(database: str, job: str) -> str:
+    # GET_LOCK names are server-wide, compared case-insensitively and at most 64
+    # characters: the hash tells databases and jobs apart, the job's name is for humans.
+    digest = hashlib.blake2b(f"{database}\0{job}".encode(), digest_size=8).hexdigest()
+    return f"custsync:{digest}:{job}"[:64]
+
+
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def _lock_file_name(job: str) -> str:
+    if _SAFE_NAME.fullmatch(job):
+        return f"{job}.lock"
+    # Unsafe characters become "_"; the hash keeps "a/b" and "a_b" apart.
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", job)[:80].lstrip(".")
+    digest = hashlib.blake2b(job.encode(), digest_size=6).hexdigest()
+    return f"{safe}-{digest}.lock"
+
+
+@contextmanager
+def _file_lock(path: Path, job: str) -> Iterator[None]:
+    # The lock file is never deleted: removing it would let a second process lock a new
+    # file while a third still holds the old one.
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise StateError(f"cannot open the lock file {path}: {exc.strerror}") from exc
+    try:
+        _try_lock_fd(fd)
+    except BlockingIOError:
+        os.close(fd)
+        raise LockedError(job) from None
+    except OSError as exc:
+        os.close(fd)
+        raise StateError(f"cannot lock {path}: {exc.strerror}") from exc
+    try:
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except OSError:
+            pass  # the pid is a courtesy to humans; the lock holds without it
+        yield
+    finally:
+        try:
+            # Unlock explicitly: a forked child sharing the descriptor must not keep it.
+            _unlock_fd(fd)
+        finally:
+            os.close(fd)
+
+
+def _release_server_lock(
+    conn: Connection, release: sa.TextClause, params: dict[str, Any], job: str
+) -> None:
+    try:
+        conn.execute(release, params)
+    except SQLAlchemyError:
+        # The session is broken; discarding it ends it, and the server frees its locks.
+        logger.warning("could not release the lock of job %r; dropping its connection", job)
+        conn.invalidate()
+    finally:
+        conn.close()

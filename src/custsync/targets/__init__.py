@@ -1,0 +1,1 @@
+"""Targets: where customers are written to."""

@@ -1,0 +1,105 @@
+"""The Target protocol, the per-row outcomes and the row schema a job writes."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, Literal, Protocol, runtime_checkable
+
+from pydantic import BaseModel, ConfigDict
+
+Row = Mapping[str, Any]
+Key = tuple[Any, ...]
+FieldType = Literal["text", "integer", "float", "boolean", "timestamp", "json"]
+MatchPolicy = Literal["upsert", "update_only", "create_only"]
+
+
+class Outcome(StrEnum):
+    INSERTED = "inserted"
+    UPDATED = "updated"
+    UNCHANGED = "unchanged"
+    STALE = "stale"  # the target holds a newer row: not replaced (never go backwards)
+    UNKNOWN = "unknown"  # written, but the target cannot say whether inserted or updated
+    FAILED = "failed"  # the target refused the row; ``message`` says why
+
+
+@dataclass(frozen=True, slots=True)
+class RowResult:
+    """What happened to one row, correlated by key (never by position)."""
+
+    key: Key
+    outcome: Outcome
+    message: str | None = None
+    target_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ColumnSpec:
+    name: str
+    type: FieldType
+    nullable: bool = True
+    length: int | None = None  # for key columns: VARCHAR(length)
+
+
+@dataclass(frozen=True, slots=True)
+class RowSchema:
+    """The rows a job writes: their columns, the key they are upserted on, and the column
+    holding the source's ``updated_at`` (the guard against going backwards), if mapped."""
+
+    columns: tuple[ColumnSpec, ...]
+    key: tuple[str, ...]
+    guard: str | None = None
+    match_policy: MatchPolicy = "upsert"
+
+    def column(self, name: str) -> ColumnSpec:
+        for column in self.columns:
+            if column.name == name:
+                return column
+        raise KeyError(name)
+
+    def key_of(self, row: Row) -> Key:
+        return tuple(row[k] for k in self.key)
+
+
+@runtime_checkable
+class Target(Protocol):
+    """Upserts rows by key and reports an outcome per row.
+
+    ``prepare`` is called once before any write: it creates or checks what the rows go
+    into (``create=False`` for a dry run, which must write nothing). ``write`` returns only
+    once the rows are durably committed; a refused row is a FAILED result, not an
+    exception, and never sinks the rest of its batch. Keys are unique within one call.
+    """
+
+    def prepare(self, schema: RowSchema, *, create: bool = True) -> list[str]:
+        """Create or check the destination; return notes worth a log line."""
+        ...
+
+    def write(self, rows: Sequence[Row]) -> Sequence[RowResult]: ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class Previewable(Protocol):
+    """A target that can tell, without writing, what ``write`` would do (dry runs)."""
+
+    def preview(self, rows: Sequence[Row]) -> Sequence[RowResult]: ...
+
+
+class TargetSettings(BaseModel):
+    """The keys every target accepts; each connector extends this with its own."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    connector: str
+    # The field(s) rows are upserted on; default: the key the mapping preset names.
+    key: str | list[str] | None = None
+    match_policy: MatchPolicy = "upsert"
+
+    @property
+    def key_columns(self) -> tuple[str, ...]:
+        if self.key is None:
+            return ()
+        return (self.key,) if isinstance(self.key, str) else tuple(self.key)

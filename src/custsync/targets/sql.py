@@ -1,0 +1,568 @@
+"""The ``sql`` target: upserts rows into a table through SQLAlchemy 2, with each
+dialect's native upsert (SQLite and PostgreSQL ``ON CONFLICT``, MariaDB/MySQL
+``ON DUPLICATE KEY UPDATE``).
+
+Every batch is one transaction: read the stored rows of the batch's keys (locking them),
+decide per row (inserted, updated, unchanged, stale), write only what changes, commit.
+Knowing the stored rows first gives exact outcomes on every dialect (MariaDB cannot say
+per row) and makes no-op runs cheap. A refused row is isolated by bisection inside
+savepoints and reported FAILED with the database's message; the rest commits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import sqlalchemy as sa
+from pydantic import Field
+from sqlalchemy.dialects import mysql, postgresql, sqlite
+from sqlalchemy.engine import Connection, Dialect, Engine
+from sqlalchemy.exc import (
+    ArgumentError,
+    DataError,
+    DBAPIError,
+    IntegrityError,
+    NoSuchModuleError,
+    SQLAlchemyError,
+)
+
+from custsync.errors import ConfigError, MissingDependencyError, TargetError
+from custsync.targets.base import (
+    ColumnSpec,
+    FieldType,
+    Key,
+    Outcome,
+    Row,
+    RowResult,
+    RowSchema,
+    TargetSettings,
+)
+
+# Bound parameters per SELECT ... IN: well under every dialect's limit.
+_IN_CHUNK = 500
+_DRIVERS = {
+    "postgresql": ("postgresql+psycopg", "psycopg", "PostgreSQL", "postgres"),
+    "postgres": ("postgresql+psycopg", "psycopg", "PostgreSQL", "postgres"),
+    "mysql": ("mysql+pymysql", "pymysql", "MySQL", "mysql"),
+    "mariadb": ("mariadb+pymysql", "pymysql", "MariaDB", "mysql"),
+}
+
+
+class SqlTargetSettings(TargetSettings):
+    connector: Literal["sql"] = "sql"
+    url: str = Field(repr=False)  # may hold a password: never in a repr or a message
+    table: str = "customers"
+    db_schema: str | None = Field(default=None, alias="schema")
+    create_table: bool = True
+    key_length: int = Field(default=255, ge=1, le=3072)
+
+
+class UtcTimestamp(sa.types.TypeDecorator[datetime]):
+    """UTC with microseconds on every dialect: ``timestamptz`` on PostgreSQL,
+    ``DATETIME(6)`` holding UTC on MariaDB/MySQL, fixed-width ISO-8601 text with ``Z`` on
+    SQLite (fixed width, so text order is time order for the stale guard)."""
+
+    impl = sa.DateTime
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> sa.types.TypeEngine[Any]:
+        if dialect.name == "postgresql":
+            return dialect.type_descriptor(postgresql.TIMESTAMP(timezone=True))
+        if dialect.name in ("mysql", "mariadb"):
+            return dialect.type_descriptor(mysql.DATETIME(fsp=6))
+        if dialect.name == "sqlite":
+            return dialect.type_descriptor(sa.Text())
+        return dialect.type_descriptor(sa.DateTime(timezone=True))
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        if not isinstance(value, datetime):
+            raise TypeError("a timestamp column takes datetimes")
+        utc = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        if dialect.name == "sqlite":
+            return utc.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        if dialect.name in ("mysql", "mariadb"):
+            return utc.replace(tzinfo=None)
+        return utc
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if isinstance(value, str):
+            text = value.strip()
+            value = datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith("Z") else text)
+        if not isinstance(value, datetime):
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _column_type(column: ColumnSpec, *, key: bool) -> sa.types.TypeEngine[Any]:
+    if key:
+        # Keys are compared exactly: a binary collation on MariaDB, where the default one
+        # would make "A@x.com" and "a@x.com" the same key. Keys are normalised by the mapping.
+        length = column.length or 255
+        return sa.String(length).with_variant(
+            mysql.VARCHAR(length, charset="utf8mb4", collation="utf8mb4_bin"), "mysql", "mariadb"
+        )
+    kinds: dict[FieldType, sa.types.TypeEngine[Any]] = {
+        "text": sa.Text(),
+        "integer": sa.BigInteger(),
+        "float": sa.Float(),
+        "boolean": sa.Boolean(),
+        "timestamp": UtcTimestamp(),
+        "json": sa.JSON().with_variant(postgresql.JSONB(), "postgresql"),
+    }
+    return kinds[column.type]
+
+
+def _family(sa_type: sa.types.TypeEngine[Any]) -> str:
+    """A coarse family of a reflected column type, to catch a mapping that cannot fit."""
+    if isinstance(sa_type, sa.Boolean):
+        return "boolean"
+    if isinstance(sa_type, sa.Integer):
+        return "integer"
+    if isinstance(sa_type, sa.Float | sa.Numeric):
+        return "float"
+    if isinstance(sa_type, sa.DateTime | sa.Date):
+        return "timestamp"
+    if isinstance(sa_type, sa.JSON):
+        return "json"
+    return "text"
+
+
+# A mapping type may go into a column of these families (text takes anything as text).
+_FITS: dict[str, set[str]] = {
+    "text": {"text", "json"},
+    "integer": {"integer", "float", "text", "boolean"},
+    "float": {"float", "text"},
+    "boolean": {"boolean", "integer", "text"},
+    "timestamp": {"timestamp", "text"},
+    "json": {"json", "text"},
+}
+
+
+def normalise_url(url: str) -> str:
+    """Pick our drivers when the URL names none (``postgresql://`` means psycopg 3)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        raise ConfigError("not a database URL (like sqlite:///file.db)", key="target.url")
+    dialect = scheme.split("+", 1)[0]
+    if dialect in _DRIVERS and "+" not in scheme:
+        scheme = _DRIVERS[dialect][0]
+    return f"{scheme}://{rest}"
+
+
+def make_engine(url: str, *, what: str = "the sql target") -> Engine:
+    """An Engine with the session settings custsync relies on: UTC everywhere, strict
+    MariaDB, and working SAVEPOINTs on SQLite."""
+    url = normalise_url(url)
+    dialect = url.split(":", 1)[0].split("+", 1)[0]
+    if dialect in _DRIVERS:
+        _, module, label, extra = _DRIVERS[dialect]
+        try:
+            __import__(module)
+        except ImportError:
+            raise MissingDependencyError(f"{what} on {label}", extra) from None
+    kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    if dialect == "sqlite":
+        kwargs = {"connect_args": {"timeout": 30}}
+    elif dialect == "postgresql":
+        kwargs["connect_args"] = {"options": "-c timezone=UTC", "connect_timeout": 10}
+    elif dialect in ("mysql", "mariadb"):
+        kwargs["connect_args"] = {
+            "init_command": "SET SESSION time_zone = '+00:00', "
+            "sql_mode = 'STRICT_ALL_TABLES,NO_ENGINE_SUBSTITUTION'",
+            "connect_timeout": 10,
+            "charset": "utf8mb4",
+        }
+    try:
+        engine = sa.create_engine(url, **kwargs)
+    except (ArgumentError, NoSuchModuleError) as exc:
+        raise ConfigError(f"cannot use this database URL: {exc}", key="target.url") from None
+    if engine.dialect.name == "sqlite":
+        _sqlite_transactions(engine)
+    return engine
+
+
+def _sqlite_transactions(engine: Engine) -> None:
+    # pysqlite's own transaction handling breaks SAVEPOINT; take it over, as the
+    # SQLAlchemy docs advise. BEGIN IMMEDIATE takes the write lock up front.
+    @sa.event.listens_for(engine, "connect")
+    def _connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA busy_timeout = 30000")
+        cursor.close()
+
+    @sa.event.listens_for(engine, "begin")
+    def _begin(connection: Connection) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def safe_url(engine_or_url: Engine | str) -> str:
+    url = engine_or_url.url if isinstance(engine_or_url, Engine) else sa.make_url(engine_or_url)
+    return url.render_as_string(hide_password=True)
+
+
+class SqlTarget:
+    """Upserts rows into one table. See the module docstring for how a batch is written."""
+
+    def __init__(self, settings: SqlTargetSettings, *, base_dir: Path | None = None) -> None:
+        self.settings = settings
+        self.engine = make_engine(settings.url)
+        self._schema: RowSchema | None = None
+        self._table: sa.Table | None = None
+        self._exists = False
+        self._upsert: Any = None
+
+    def __repr__(self) -> str:
+        return f"SqlTarget({safe_url(self.engine)}, table={self.settings.table!r})"
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    # --- preparing the table ----------------------------------------------------------
+
+    def prepare(self, schema: RowSchema, *, create: bool = True) -> list[str]:
+        self._schema = schema
+        notes: list[str] = []
+        name, db_schema = self.settings.table, self.settings.db_schema
+        try:
+            inspector = sa.inspect(self.engine)
+            exists = inspector.has_table(name, schema=db_schema)
+            if not exists:
+                if not (create and self.settings.create_table):
+                    if not create:
+                        notes.append(f"table {name} does not exist: every row would be inserted")
+                    else:
+                        raise ConfigError(
+                            f"table {name} does not exist and create_table is false",
+                            key="target.table",
+                        )
+                else:
+                    self._create(schema)
+                    notes.append(f"created table {name} ({len(schema.columns)} columns)")
+                    exists = True
+            else:
+                notes += self._check_and_evolve(inspector, schema, create=create)
+        except SQLAlchemyError as exc:
+            raise TargetError(
+                f"cannot prepare table {name} on {safe_url(self.engine)}: {_db_message(exc)}"
+            ) from exc
+        self._exists = exists
+        self._table = self._build_table(schema)
+        self._upsert = self._upsert_statement(self._table, schema)
+        return notes
+
+    def _build_table(self, schema: RowSchema, *, for_create: bool = False) -> sa.Table:
+        columns = [
+            sa.Column(
+                c.name,
+                _column_type(c, key=c.name in schema.key),
+                nullable=c.nullable and c.name not in schema.key,
+            )
+            for c in schema.columns
+        ]
+        args: list[Any] = [*columns]
+        kwargs: dict[str, Any] = {}
+        if for_create:
+            args.append(sa.PrimaryKeyConstraint(*schema.key, name=f"pk_{self.settings.table}"))
+            if self.dialect == "sqlite":
+                # SQLite does not enforce VARCHAR(n); the other dialects refuse a longer key.
+                for key in schema.key:
+                    length = schema.column(key).length or 255
+                    args.append(sa.CheckConstraint(f'length("{key}") <= {length}'))
+            kwargs = {"mysql_charset": "utf8mb4", "mariadb_charset": "utf8mb4"}
+        return sa.Table(
+            self.settings.table, sa.MetaData(), *args, schema=self.settings.db_schema, **kwargs
+        )
+
+    def _create(self, schema: RowSchema) -> None:
+        table = self._build_table(schema, for_create=True)
+        with self.engine.begin() as conn:
+            table.create(conn, checkfirst=True)
+
+    def _check_and_evolve(
+        self, inspector: sa.Inspector, schema: RowSchema, *, create: bool
+    ) -> list[str]:
+        name, db_schema = self.settings.table, self.settings.db_schema
+        existing = {c["name"]: c for c in inspector.get_columns(name, schema=db_schema)}
+        lowered = {n.lower(): n for n in existing}
+        missing_keys = [k for k in schema.key if k not in existing and k.lower() not in lowered]
+        if missing_keys:
+            raise ConfigError(
+                f"table {name} has no key column {missing_keys[0]!r}", key="target.key"
+            )
+        if not self._has_unique(inspector, schema.key):
+            raise ConfigError(
+                f"table {name} has no primary key or unique constraint on "
+                f"({', '.join(schema.key)}): upserts need one",
+                key="target.key",
+            )
+        for column in schema.columns:
+            found = existing.get(column.name)
+            if found is None:
+                continue
+            family = _family(found["type"])
+            if family not in _FITS[column.type]:
+                raise ConfigError(
+                    f"column {name}.{column.name} is {found['type']} but the mapping "
+                    f"gives {column.type}",
+                    key=f"mapping.fields.{column.name}",
+                )
+        notes: list[str] = []
+        added = [
+            c for c in schema.columns if c.name not in existing and c.name.lower() not in lowered
+        ]
+        if added and not create:
+            return [f"would add column(s) {', '.join(c.name for c in added)} to {name}"]
+        if added:
+            preparer = self.engine.dialect.identifier_preparer
+            table_sql = preparer.format_table(self._build_table(schema))
+            with self.engine.begin() as conn:
+                dialect = self.engine.dialect
+                for column in added:
+                    sa_type = _column_type(column, key=False).compile(dialect=dialect)
+                    quoted = preparer.quote(column.name)
+                    conn.exec_driver_sql(f"ALTER TABLE {table_sql} ADD COLUMN {quoted} {sa_type}")
+            notes.append(f"added column(s) {', '.join(c.name for c in added)} to {name}")
+        return notes
+
+    def _has_unique(self, inspector: sa.Inspector, key: Sequence[str]) -> bool:
+        name, db_schema = self.settings.table, self.settings.db_schema
+        wanted = {k.lower() for k in key}
+        pk = inspector.get_pk_constraint(name, schema=db_schema)
+        candidates: list[Sequence[str | None]] = [pk.get("constrained_columns") or []]
+        candidates += [
+            u["column_names"] for u in inspector.get_unique_constraints(name, schema=db_schema)
+        ]
+        candidates += [
+            i["column_names"]
+            for i in inspector.get_indexes(name, schema=db_schema)
+            if i.get("unique")
+        ]
+        return any({str(c).lower() for c in cols if c} == wanted for cols in candidates)
+
+    # --- statements -------------------------------------------------------------------
+
+    def _upsert_statement(self, table: sa.Table, schema: RowSchema) -> Any:
+        key = set(schema.key)
+        updatable = [c.name for c in schema.columns if c.name not in key]
+        if schema.match_policy == "create_only":
+            updatable = []
+        if self.dialect in ("postgresql", "sqlite"):
+            module: Any = postgresql if self.dialect == "postgresql" else sqlite
+            stmt = module.insert(table)
+            if not updatable:
+                return stmt.on_conflict_do_nothing(index_elements=list(schema.key))
+            where = None
+            if schema.guard:
+                stored, incoming = table.c[schema.guard], stmt.excluded[schema.guard]
+                where = sa.or_(stored.is_(None), incoming.is_(None), stored <= incoming)
+            return stmt.on_conflict_do_update(
+                index_elements=list(schema.key),
+                set_={name: stmt.excluded[name] for name in updatable},
+                where=where,
+            )
+        if self.dialect in ("mysql", "mariadb"):
+            stmt = mysql.insert(table)
+            if not updatable:
+                first = schema.key[0]
+                return stmt.on_duplicate_key_update([(first, table.c[first])])
+            assignments: list[tuple[str, Any]] = []
+            if schema.guard:
+                stored, incoming = table.c[schema.guard], stmt.inserted[schema.guard]
+                ok = sa.or_(stored.is_(None), incoming.is_(None), stored <= incoming)
+                # MySQL applies assignments left to right, each seeing the ones before:
+                # the guard column goes last so every condition reads the stored value.
+                ordered = [n for n in updatable if n != schema.guard] + [schema.guard]
+                for name in ordered:
+                    assignments.append(
+                        (name, sa.case((ok, stmt.inserted[name]), else_=table.c[name]))
+                    )
+            else:
+                assignments = [(name, stmt.inserted[name]) for name in updatable]
+            return stmt.on_duplicate_key_update(assignments)
+        raise ConfigError(
+            f"the sql target has no upsert for {self.dialect} yet "
+            "(SQLite, PostgreSQL, MariaDB and MySQL are supported)",
+            key="target.url",
+        )
+
+    # --- writing ----------------------------------------------------------------------
+
+    def _ready(self) -> tuple[sa.Table, RowSchema]:
+        if self._table is None or self._schema is None:
+            raise TargetError("prepare() must be called before writing")
+        return self._table, self._schema
+
+    def preview(self, rows: Sequence[Row]) -> list[RowResult]:
+        table, schema = self._ready()
+        if not self._exists:
+            return [
+                RowResult(
+                    schema.key_of(r),
+                    Outcome.FAILED if schema.match_policy == "update_only" else Outcome.INSERTED,
+                    _NO_ROW if schema.match_policy == "update_only" else None,
+                )
+                for r in rows
+            ]
+        try:
+            with self.engine.connect() as conn:
+                stored = self._stored(conn, table, schema, rows, lock=False)
+                conn.rollback()
+        except SQLAlchemyError as exc:
+            raise TargetError(f"cannot read {self.settings.table}: {_db_message(exc)}") from exc
+        return [result for result, _ in self._classify(schema, rows, stored)]
+
+    def write(self, rows: Sequence[Row]) -> list[RowResult]:
+        table, schema = self._ready()
+        if not rows:
+            return []
+        try:
+            with self.engine.begin() as conn:
+                stored = self._stored(conn, table, schema, rows, lock=True)
+                decided = self._classify(schema, rows, stored)
+                to_write = [row for (result, row) in decided if row is not None]
+                failures = self._write_isolating(conn, schema, to_write) if to_write else {}
+        except SQLAlchemyError as exc:
+            raise TargetError(
+                f"writing {len(rows)} rows to {self.settings.table} failed: {_db_message(exc)}"
+            ) from exc
+        results = []
+        for result, _row in decided:
+            message = failures.get(result.key)
+            if message is not None:
+                result = RowResult(result.key, Outcome.FAILED, message)
+            results.append(result)
+        return results
+
+    def _stored(
+        self,
+        conn: Connection,
+        table: sa.Table,
+        schema: RowSchema,
+        rows: Sequence[Row],
+        *,
+        lock: bool,
+    ) -> dict[Key, Row]:
+        keys = [schema.key_of(r) for r in rows]
+        key_cols = [table.c[k] for k in schema.key]
+        out: dict[Key, Row] = {}
+        for start in range(0, len(keys), _IN_CHUNK):
+            chunk = keys[start : start + _IN_CHUNK]
+            if len(key_cols) == 1:
+                condition = key_cols[0].in_([k[0] for k in chunk])
+            else:
+                condition = sa.tuple_(*key_cols).in_(chunk)
+            query = sa.select(table).where(condition)
+            if lock and self.dialect != "sqlite":
+                query = query.with_for_update()
+            for stored in conn.execute(query).mappings():
+                out[tuple(stored[k] for k in schema.key)] = dict(stored)
+        return out
+
+    def _classify(
+        self, schema: RowSchema, rows: Sequence[Row], stored: Mapping[Key, Row]
+    ) -> list[tuple[RowResult, Row | None]]:
+        decided: list[tuple[RowResult, Row | None]] = []
+        guard = schema.guard
+        columns = [c.name for c in schema.columns]
+        for row in rows:
+            key = schema.key_of(row)
+            current = stored.get(key)
+            if current is None:
+                if schema.match_policy == "update_only":
+                    decided.append((RowResult(key, Outcome.FAILED, _NO_ROW), None))
+                else:
+                    decided.append((RowResult(key, Outcome.INSERTED), row))
+                continue
+            if schema.match_policy == "create_only":
+                decided.append((RowResult(key, Outcome.UNCHANGED), None))
+                continue
+            if guard is not None:
+                old, new = current.get(guard), row.get(guard)
+                if old is not None and new is not None and _as_utc(old) > _as_utc(new):
+                    decided.append((RowResult(key, Outcome.STALE), None))
+                    continue
+            if all(_same(current.get(name), row.get(name)) for name in columns):
+                decided.append((RowResult(key, Outcome.UNCHANGED), None))
+            else:
+                decided.append((RowResult(key, Outcome.UPDATED), row))
+        return decided
+
+    def _write_isolating(
+        self, conn: Connection, schema: RowSchema, rows: Sequence[Row]
+    ) -> dict[Key, str]:
+        """Write rows in a savepoint; when the database refuses, split the batch in halves
+        until the refused rows stand alone, and return their messages by key."""
+        try:
+            with conn.begin_nested():
+                conn.execute(self._upsert, list(rows))
+            return {}
+        except (IntegrityError, DataError) as exc:
+            if len(rows) == 1:
+                return {schema.key_of(rows[0]): _db_message(exc)}
+        except DBAPIError as exc:
+            if exc.connection_invalidated or (len(rows) > 1 and not _row_level(exc)):
+                raise
+            if len(rows) == 1:
+                if not _row_level(exc):
+                    raise
+                return {schema.key_of(rows[0]): _db_message(exc)}
+        middle = len(rows) // 2
+        failures = self._write_isolating(conn, schema, rows[:middle])
+        failures.update(self._write_isolating(conn, schema, rows[middle:]))
+        return failures
+
+    def count(self) -> int:
+        """How many rows the table holds (for summaries and tests)."""
+        table, _ = self._ready()
+        with self.engine.connect() as conn:
+            return int(conn.execute(sa.select(sa.func.count()).select_from(table)).scalar_one())
+
+    def check(self) -> list[str]:
+        with self.engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+        return [f"reached {safe_url(self.engine)} ({self.dialect})"]
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+_NO_ROW = "no row with this key, and match_policy = update_only"
+
+
+def _row_level(exc: DBAPIError) -> bool:
+    """Errors that belong to one row's values (an out-of-range number, bad text), as some
+    drivers raise them outside IntegrityError/DataError (MariaDB: OperationalError 1292...)."""
+    code = getattr(exc.orig, "args", (None,))[0]
+    return isinstance(code, int) and code in {1264, 1265, 1292, 1366, 1406, 1048, 3140, 4025}
+
+
+def _db_message(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None)
+    text = str(orig if orig is not None else exc)
+    return " ".join(text.split())[:1000]
+
+
+def _as_utc(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    return value
+
+
+def _same(stored: Any, incoming: Any) -> bool:
+    if isinstance(stored, datetime) and isinstance(incoming, datetime):
+        return bool(_as_utc(stored) == _as_utc(incoming))
+    if isinstance(stored, float) or isinstance(incoming, float):
+        try:
+            return stored is not None and incoming is not None and float(stored) == float(incoming)
+        except (TypeError, ValueError):
+            return False
+    return bool(stored == incoming)

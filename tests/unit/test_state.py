@@ -1,0 +1,391 @@
+"""The state store on SQLite files: watermark, cursor, run log and the per-job file lock."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from custsync.errors import ConfigError, LockedError, StateError
+from custsync.state import JobState, StateStore, utcnow
+
+T0 = datetime(2024, 5, 17, 8, 30, 12, 345678, tzinfo=UTC)
+
+# Takes the lock through custsync.state, says so, then waits to be killed.
+CHILD_TAKES_LOCK = """
+import sys, time
+from pathlib import Path
+from custsync.state import StateStore
+url, job, lock_dir = sys.argv[1:4]
+store = StateStore(url, lock_dir=Path(lock_dir))
+with store.lock(job):
+    print("locked", flush=True)
+    time.sleep(300)
+"""
+
+
+class StepClock:
+    """A clock that moves one second forward on every reading."""
+
+    def __init__(self, start: datetime = T0) -> None:
+        self.now = start
+
+    def __call__(self) -> datetime:
+        self.now += timedelta(seconds=1)
+        return self.now
+
+
+@pytest.fixture
+def db_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'state' / 'state.db'}"
+
+
+@pytest.fixture
+def make_store(db_url: str, tmp_path: Path) -> Iterator[Callable[..., StateStore]]:
+    stores: list[StateStore] = []
+
+    def make(*, clock: Callable[[], datetime] = utcnow) -> StateStore:
+        store = StateStore(db_url, lock_dir=tmp_path / "locks", clock=clock)
+        stores.append(store)
+        return store
+
+    yield make
+    for store in stores:
+        store.close()
+
+
+@pytest.fixture
+def store(make_store: Callable[..., StateStore]) -> StateStore:
+    return make_store(clock=StepClock())
+
+
+def test_new_job_has_no_state(store: StateStore) -> None:
+    assert store.get("never-seen") == JobState("never-seen", None, None, None)
+
+
+def test_checkpoint_round_trips_watermark_with_microseconds_as_utc(store: StateStore) -> None:
+    plus_two = datetime(2024, 5, 17, 10, 30, 12, 345678, tzinfo=timezone(timedelta(hours=2)))
+    store.checkpoint("job", watermark=plus_two, cursor=None)
+
+    watermark = store.get("job").watermark
+
+    assert watermark == T0
+    assert watermark is not None
+    assert watermark.tzinfo is UTC
+    assert watermark.microsecond == 345678
+
+
+def test_checkpoint_round_trips_cursor_json(store: StateStore) -> None:
+    cursor = {"window": ["2024-05-01T00:00:00Z", None], "last_id": "AbCd", "page": 3, "ü": True}
+    store.checkpoint("job", watermark=T0, cursor=cursor)
+
+    assert store.get("job").cursor == cursor
+
+
+def test_checkpoint_never_moves_watermark_backwards(store: StateStore) -> None:
+    store.checkpoint("job", watermark=T0, cursor=None)
+    store.checkpoint("job", watermark=T0 - timedelta(microseconds=1), cursor=None)
+
+    assert store.get("job").watermark == T0
+
+
+aware_datetimes = st.builds(
+    lambda moment, minutes: moment.replace(tzinfo=timezone(timedelta(minutes=minutes))),
+    st.datetimes(min_value=datetime(1900, 1, 1), max_value=datetime(2200, 1, 1)),
+    st.integers(min_value=-23 * 60, max_value=23 * 60),
+)
+
+
+# One store serves every example; each example uses a job of its own.
+@settings(
+    max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(watermarks=st.lists(st.none() | aware_datetimes, max_size=6))
+def test_checkpoint_keeps_the_latest_watermark_ever_given(
+    store: StateStore, watermarks: list[datetime | None]
+) -> None:
+    job = uuid.uuid4().hex
+    for watermark in watermarks:
+        store.checkpoint(job, watermark=watermark, cursor=None)
+
+    given_ones = [watermark for watermark in watermarks if watermark is not None]
+    assert store.get(job).watermark == (max(given_ones) if given_ones else None)
+
+
+def test_checkpoint_moves_watermark_forwards(store: StateStore) -> None:
+    store.checkpoint("job", watermark=T0, cursor=None)
+    store.checkpoint("job", watermark=T0 + timedelta(microseconds=1), cursor=None)
+
+    assert store.get("job").watermark == T0 + timedelta(microseconds=1)
+
+
+def test_checkpoint_without_watermark_keeps_the_old_one_and_replaces_cursor(
+    store: StateStore,
+) -> None:
+    store.checkpoint("job", watermark=T0, cursor={"page": 1})
+    store.checkpoint("job", watermark=None, cursor={"page": 2})
+
+    state = store.get("job")
+    assert (state.watermark, state.cursor) == (T0, {"page": 2})
+
+
+def test_checkpoint_stamps_updated_at_from_the_clock(
+    make_store: Callable[..., StateStore],
+) -> None:
+    store = make_store(clock=lambda: T0)
+    store.checkpoint("job", watermark=None, cursor=None)
+
+    assert store.get("job").updated_at == T0
+
+
+def test_set_watermark_can_move_it_backwards(store: StateStore) -> None:
+    store.checkpoint("job", watermark=T0, cursor=None)
+    store.set_watermark("job", T0 - timedelta(days=30))
+
+    assert store.get("job").watermark == T0 - timedelta(days=30)
+
+
+def test_set_watermark_clears_the_cursor(store: StateStore) -> None:
+    store.checkpoint("job", watermark=T0, cursor={"last_id": "x"})
+    store.set_watermark("job", T0 + timedelta(days=1))
+
+    assert store.get("job").cursor is None
+
+
+def test_reset_forgets_watermark_and_cursor(store: StateStore) -> None:
+    store.checkpoint("job", watermark=T0, cursor={"last_id": "x"})
+    store.reset("job")
+
+    assert store.get("job") == JobState("job", None, None, None)
+
+
+def test_reset_keeps_the_run_log(store: StateStore) -> None:
+    store.start_run("job", run_id="r1", dry_run=False, watermark_before=None)
+    store.reset("job")
+
+    assert [run.run_id for run in store.runs("job")] == ["r1"]
+
+
+def test_start_run_logs_a_running_run(store: StateStore) -> None:
+    store.start_run("job", run_id="r1", dry_run=True, watermark_before=T0)
+
+    [run] = store.runs("job")
+    assert (run.status, run.dry_run, run.watermark_before, run.ended_at, run.counts) == (
+        "running",
+        True,
+        T0,
+        None,
+        {},
+    )
+
+
+def test_finish_run_records_outcome_counts_and_watermark(store: StateStore) -> None:
+    store.start_run("job", run_id="r1", dry_run=False, watermark_before=None)
+    counts = {"read": 10, "inserted": 7, "rejected": 3}
+    store.finish_run(
+        "r1", status="rejects_exceeded", counts=counts, watermark_after=T0, error="too many"
+    )
+
+    [run] = store.runs("job")
+    assert (run.status, run.counts, run.watermark_after, run.error) == (
+        "rejects_exceeded",
+        counts,
+        T0,
+        "too many",
+    )
+    assert run.ended_at is not None
+    assert run.ended_at > run.started_at
+
+
+def test_runs_are_newest_first(store: StateStore) -> None:
+    for run_id in ("r1", "r2", "r3"):
+        store.start_run("job", run_id=run_id, dry_run=False, watermark_before=None)
+        store.finish_run(run_id, status="ok", counts={"read": 1}, watermark_after=None)
+
+    assert [run.run_id for run in store.runs("job")] == ["r3", "r2", "r1"]
+
+
+def test_runs_stops_at_the_limit(store: StateStore) -> None:
+    for n in range(5):
+        store.start_run("job", run_id=f"r{n}", dry_run=False, watermark_before=None)
+
+    assert [run.run_id for run in store.runs("job", limit=2)] == ["r4", "r3"]
+
+
+def test_runs_started_at_the_same_instant_are_newest_first(
+    make_store: Callable[..., StateStore],
+) -> None:
+    store = make_store(clock=lambda: T0)
+    for run_id in ("r1", "r2"):
+        store.start_run("job", run_id=run_id, dry_run=False, watermark_before=None)
+
+    assert [run.run_id for run in store.runs("job")] == ["r2", "r1"]
+
+
+def test_runs_lists_only_that_job(store: StateStore) -> None:
+    store.start_run("a", run_id="ra", dry_run=False, watermark_before=None)
+    store.start_run("b", run_id="rb", dry_run=False, watermark_before=None)
+
+    assert [run.run_id for run in store.runs("a")] == ["ra"]
+
+
+def test_finish_run_of_an_unknown_run_raises_state_error(store: StateStore) -> None:
+    with pytest.raises(StateError, match="no run 'nope'"):
+        store.finish_run("nope", status="ok", counts={}, watermark_after=None)
+
+
+def test_finish_run_refuses_an_unknown_status(store: StateStore) -> None:
+    store.start_run("job", run_id="r1", dry_run=False, watermark_before=None)
+
+    with pytest.raises(ValueError, match="running"):
+        store.finish_run("r1", status="running", counts={}, watermark_after=None)
+
+
+def test_start_run_with_a_used_run_id_raises_state_error(store: StateStore) -> None:
+    store.start_run("job", run_id="r1", dry_run=False, watermark_before=None)
+
+    with pytest.raises(StateError, match="start run 'r1'"):
+        store.start_run("job", run_id="r1", dry_run=False, watermark_before=None)
+
+
+def test_jobs_lists_every_job_with_state_or_runs_by_name(store: StateStore) -> None:
+    store.checkpoint("b", watermark=T0, cursor=None)
+    store.start_run("a", run_id="r1", dry_run=True, watermark_before=None)
+
+    assert [(state.job, state.watermark) for state in store.jobs()] == [("a", None), ("b", T0)]
+
+
+def test_a_cursor_that_is_not_json_raises_state_error(store: StateStore) -> None:
+    with pytest.raises(StateError, match="cursor"):
+        store.checkpoint("job", watermark=T0, cursor={"at": object()})
+
+
+def test_naive_datetime_is_treated_as_utc(store: StateStore) -> None:
+    store.checkpoint("job", watermark=T0.replace(tzinfo=None), cursor=None)
+
+    assert store.get("job").watermark == T0
+
+
+def test_sqlite_url_creates_parent_folders(tmp_path: Path) -> None:
+    path = tmp_path / "a" / "b" / "state.db"
+    with StateStore(f"sqlite:///{path}"):
+        assert path.is_file()
+
+
+def test_for_job_file_puts_the_db_in_dot_custsync_beside_the_job(tmp_path: Path) -> None:
+    job_file = tmp_path / "jobs" / "nightly.toml"
+    job_file.parent.mkdir()
+    job_file.write_text('name = "nightly"\n')
+
+    with StateStore.for_job_file(job_file) as store:
+        store.checkpoint("nightly", watermark=T0, cursor=None)
+
+    assert (tmp_path / "jobs" / ".custsync" / "state.db").is_file()
+
+
+def test_an_invalid_url_raises_config_error() -> None:
+    with pytest.raises(ConfigError):
+        StateStore("not a url")
+
+
+def test_an_unknown_database_kind_raises_config_error() -> None:
+    with pytest.raises(ConfigError, match="unknown database kind"):
+        StateStore("nosuchdb://user:pw@host/db")
+
+
+def test_second_lock_on_same_job_raises_locked_error_while_first_is_held(
+    make_store: Callable[..., StateStore],
+) -> None:
+    first, second = make_store(), make_store()
+
+    with first.lock("job"), pytest.raises(LockedError) as raised, second.lock("job"):
+        pass
+
+    assert raised.value.job == "job"
+
+
+def test_lock_can_be_taken_again_after_release(make_store: Callable[..., StateStore]) -> None:
+    first, second = make_store(), make_store()
+    with first.lock("job"):
+        pass
+
+    with second.lock("job"):
+        pass
+
+
+def test_lock_is_released_when_the_block_raises(make_store: Callable[..., StateStore]) -> None:
+    first, second = make_store(), make_store()
+    with pytest.raises(RuntimeError), first.lock("job"):
+        raise RuntimeError("boom")
+
+    with second.lock("job"):
+        pass
+
+
+def test_locks_of_different_jobs_are_independent(make_store: Callable[..., StateStore]) -> None:
+    first, second = make_store(), make_store()
+
+    with first.lock("job-a"), second.lock("job-b"):
+        pass
+
+
+def test_lock_file_lives_in_lock_dir_and_holds_the_pid(
+    make_store: Callable[..., StateStore], tmp_path: Path
+) -> None:
+    store = make_store()
+
+    with store.lock("nightly"):
+        assert (tmp_path / "locks" / "nightly.lock").read_text() == f"{os.getpid()}\n"
+
+
+def test_lock_dir_defaults_to_the_folder_of_the_sqlite_file(tmp_path: Path) -> None:
+    with StateStore(f"sqlite:///{tmp_path / 'db' / 'state.db'}") as store, store.lock("nightly"):
+        assert (tmp_path / "db" / "nightly.lock").is_file()
+
+
+def test_job_names_with_path_characters_lock_inside_lock_dir(
+    make_store: Callable[..., StateStore], tmp_path: Path
+) -> None:
+    first, second = make_store(), make_store()
+
+    with first.lock("../etc/passwd"):
+        assert [p.parent for p in (tmp_path / "locks").iterdir()] == [tmp_path / "locks"]
+        with second.lock("__etc_passwd"):
+            pass
+
+
+def test_lock_held_by_a_child_killed_with_sigkill_is_free_afterwards(
+    make_store: Callable[..., StateStore], db_url: str, tmp_path: Path
+) -> None:
+    store = make_store()
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD_TAKES_LOCK, db_url, "job", str(tmp_path / "locks")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == "locked"
+        with pytest.raises(LockedError), store.lock("job"):
+            pass
+
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(timeout=30)
+
+        with store.lock("job"):
+            pass
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        if child.stdout is not None:
+            child.stdout.close()
