@@ -729,6 +729,16 @@ class MappingFile:
                 f"as an {direction} one",
                 source=source,
             )
+        if extra:
+            # The job's own fields are checked first, so their errors name the job file.
+            compile_mapping(
+                extra,
+                direction=direction,
+                date_order=self.options.get("date_order"),
+                timezone=self.options.get("timezone"),
+                source=source,
+                section="mapping.fields",
+            )
         fields = {**self.fields, **(extra or {})}
         return compile_mapping(
             fields,

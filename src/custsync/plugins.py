@@ -73,6 +73,20 @@ _BUILTINS: dict[tuple[Kind, str], Callable[[], Connector]] = {
     ("target", "sql"): _sql_target,
 }
 _GROUPS: dict[Kind, str] = {"source": "custsync.sources", "target": "custsync.targets"}
+# Connectors registered at run time (a notebook, a test, a program embedding custsync).
+_REGISTERED: dict[tuple[Kind, str], Connector] = {}
+
+
+def register(connector: Connector) -> None:
+    """Make a connector available by name in this process, ahead of entry points and
+    profiles (built-in names cannot be replaced)."""
+    if (connector.kind, connector.name) in _BUILTINS:
+        raise ConfigError(f"{connector.name!r} is a built-in {connector.kind} connector")
+    _REGISTERED[(connector.kind, connector.name)] = connector
+
+
+def unregister(kind: Kind, name: str) -> None:
+    _REGISTERED.pop((kind, name), None)
 
 
 def _from_entry_point(kind: Kind, name: str) -> Connector | None:
@@ -136,6 +150,9 @@ def find(kind: Kind, name: str) -> Connector:
     builtin = _BUILTINS.get((kind, name))
     if builtin is not None:
         return builtin()
+    registered = _REGISTERED.get((kind, name))
+    if registered is not None:
+        return registered
     found = _from_entry_point(kind, name) or _from_profile(kind, name)
     if found is None:
         known = ", ".join(sorted(c.name for c in available(kind)))
@@ -148,7 +165,7 @@ def available(kind: Kind | None = None) -> list[Connector]:
     out: list[Connector] = []
     kinds: tuple[Kind, ...] = (kind,) if kind else ("source", "target")
     for k in kinds:
-        names = {n for (kk, n) in _BUILTINS if kk == k}
+        names = {n for (kk, n) in _BUILTINS if kk == k} | {n for (kk, n) in _REGISTERED if kk == k}
         names |= {ep.name for ep in entry_points(group=_GROUPS[k])}
         names |= {
             n for n, p in presets.connector_profiles().items() if _read_profile(p).get("kind") == k

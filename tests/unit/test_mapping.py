@@ -1,0 +1,282 @@
+"""The mapping engine: grammar, evaluation order, types, and configuration errors."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from custsync.errors import ConfigError
+from custsync.mapping import (
+    TRANSFORMS,
+    CompiledMapping,
+    RecordFailure,
+    compile_mapping,
+    load_mapping_file,
+)
+from custsync.model import Customer
+
+
+def customer(**fields: Any) -> Customer:
+    return Customer.model_validate({"id": "c1", "email": "ann@example.com", **fields})
+
+
+def outbound(**fields: Any) -> CompiledMapping:
+    return compile_mapping(fields, direction="outbound")
+
+
+def one(mapping: CompiledMapping, record: Any) -> dict[str, Any]:
+    return mapping.apply_one(record)
+
+
+def test_a_string_is_one_path() -> None:
+    assert one(outbound(mail="email"), customer()) == {"mail": "ann@example.com"}
+
+
+def test_a_list_of_paths_takes_the_first_non_empty() -> None:
+    mapping = outbound(no=["reference", "metadata.erp_id"])
+
+    assert one(mapping, customer(reference="R1", metadata={"erp_id": "E1"}))["no"] == "R1"
+    assert one(mapping, customer(reference="", metadata={"erp_id": "E1"}))["no"] == "E1"
+    assert one(mapping, customer(metadata={}))["no"] is None
+
+
+def test_included_relationship_is_addressed_like_a_nested_object() -> None:
+    mapping = outbound(group="customer_group.name")
+
+    record = customer(customer_group={"id": "g", "type": "customer_groups", "name": "VIP"})
+
+    assert one(mapping, record) == {"group": "VIP"}
+
+
+def test_links_self_and_meta_mode_are_paths() -> None:
+    mapping = outbound(link="links.self", mode="meta.mode")
+
+    record = customer(links={"self": "https://x/api/customers/c1"}, meta={"mode": "test"})
+
+    assert one(mapping, record) == {"link": "https://x/api/customers/c1", "mode": "test"}
+
+
+def test_order_is_path_then_transform_then_map_then_default() -> None:
+    mapping = outbound(
+        tier={"path": "metadata.tier", "transform": "lower", "map": {"gold": "G"}, "default": "S"}
+    )
+
+    assert one(mapping, customer(metadata={"tier": " GOLD "}))["tier"] == " gold "
+    assert one(mapping, customer(metadata={"tier": "GOLD"}))["tier"] == "G"
+    assert one(mapping, customer(metadata={"tier": "Bronze"}))["tier"] == "bronze"
+    assert one(mapping, customer(metadata={}))["tier"] == "S"
+
+
+def test_strict_map_refuses_values_not_in_the_map() -> None:
+    mapping = outbound(status={"path": "status", "map": {"prospect": "LEAD"}, "strict_map": True})
+
+    with pytest.raises(RecordFailure) as failure:
+        one(mapping, customer(status="repeat"))
+
+    assert failure.value.errors[0].field == "status"
+
+
+def test_template_joins_paths_and_skips_empty_parts() -> None:
+    mapping = outbound(name={"template": "{metadata.first} {metadata.last}"})
+
+    assert one(mapping, customer(metadata={"first": "Ann", "last": "Lee"}))["name"] == "Ann Lee"
+    assert one(mapping, customer(metadata={"last": "Lee"}))["name"] == "Lee"
+    assert one(mapping, customer(metadata={}))["name"] is None
+
+
+def test_const_is_the_same_for_every_record() -> None:
+    mapping = outbound(source={"const": "commercelayer"})
+
+    assert one(mapping, customer())["source"] == "commercelayer"
+    assert mapping.column_types() == {"source": "text"}
+
+
+def test_types_follow_the_customer_field() -> None:
+    mapping = outbound(
+        n="total_orders_count", pw="has_password", ts="updated_at", md="metadata", e="email"
+    )
+
+    assert mapping.column_types() == {
+        "n": "integer",
+        "pw": "boolean",
+        "ts": "timestamp",
+        "md": "json",
+        "e": "text",
+    }
+
+
+def test_declared_type_coerces_values() -> None:
+    mapping = outbound(
+        points={"path": "metadata.points", "type": "integer"},
+        news={"path": "metadata.news", "type": "boolean"},
+    )
+
+    assert one(mapping, customer(metadata={"points": "12", "news": "yes"})) == {
+        "points": 12,
+        "news": True,
+    }
+
+
+def test_a_value_that_cannot_take_its_type_fails_naming_the_field() -> None:
+    mapping = outbound(points={"path": "metadata.points", "type": "integer"})
+
+    with pytest.raises(RecordFailure) as failure:
+        one(mapping, customer(metadata={"points": "lots"}))
+
+    assert failure.value.errors[0].field == "points"
+    assert "metadata.points" in failure.value.errors[0].message
+
+
+def test_metadata_values_default_to_text() -> None:
+    mapping = outbound(erp="metadata.erp_id")
+
+    assert one(mapping, customer(metadata={"erp_id": 42}))["erp"] == "42"
+
+
+def test_guard_is_the_field_holding_updated_at() -> None:
+    assert outbound(k="id", seen="updated_at").guard == "seen"
+    assert outbound(k="id", seen="created_at").guard is None
+
+
+@pytest.mark.parametrize(
+    ("fields", "names"),
+    [
+        ({"x": "emial"}, "mapping.fields.x"),
+        ({"x": "metadata."}, "mapping.fields.x"),
+        ({"x": {"path": "email", "transform": "shout"}}, "mapping.fields.x"),
+        ({"x": {"path": "email", "type": "money"}}, "mapping.fields.x"),
+        ({"x": {"path": "email", "const": 1}}, "mapping.fields.x"),
+        ({"x": {"pth": "email"}}, "mapping.fields.x"),
+        ({"x": "password"}, "mapping.fields.x"),
+        ({"x": "orders.number"}, "mapping.fields.x"),
+    ],
+)
+def test_configuration_errors_name_the_field(fields: dict[str, Any], names: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        compile_mapping(fields, direction="outbound", section="mapping.fields")
+
+    assert error.value.key == names
+
+
+def test_a_list_relationship_item_is_addressed_by_index() -> None:
+    mapping = outbound(first_order="orders.0.id")
+
+    assert one(mapping, customer(orders=[{"id": "o1"}, {"id": "o2"}]))["first_order"] == "o1"
+
+
+def test_presets_compile() -> None:
+    for name in ("erp_customer", "flat_customer"):
+        mapping = load_mapping_file(name).compile(direction="outbound")
+        assert mapping.key
+
+
+def test_an_outbound_preset_cannot_be_used_inbound() -> None:
+    with pytest.raises(ConfigError):
+        load_mapping_file("erp_customer").compile(direction="inbound")
+
+
+# --- inbound ---------------------------------------------------------------------------
+
+
+def inbound(fields: dict[str, Any], **options: Any) -> CompiledMapping:
+    return compile_mapping(fields, direction="inbound", **options)
+
+
+def test_inbound_matches_headers_ignoring_case_and_spaces() -> None:
+    mapping = inbound({"email": "Email", "metadata.first_name": "First Name"})
+
+    row = {"EMAIL": "a@b.co", " first  name ": "Ann"}
+
+    assert mapping.apply_one(row) == {"email": "a@b.co", "metadata": {"first_name": "Ann"}}
+
+
+def test_inbound_left_side_must_be_a_customer_path() -> None:
+    with pytest.raises(ConfigError) as error:
+        inbound({"emial": "Email"})
+
+    assert error.value.key == "fields.emial"
+
+
+@pytest.mark.parametrize(
+    ("order", "text", "expected"),
+    [
+        ("DMY", "09/01/24 12:49", datetime(2024, 1, 9, 12, 49, tzinfo=UTC)),
+        ("MDY", "09/01/24 12:49", datetime(2024, 9, 1, 12, 49, tzinfo=UTC)),
+        (None, "2024-03-12 09:14", datetime(2024, 3, 12, 9, 14, tzinfo=UTC)),
+        (None, "2024-03-12T09:14:00.000+0000", datetime(2024, 3, 12, 9, 14, tzinfo=UTC)),
+    ],
+)
+def test_inbound_dates_follow_date_order(order: str | None, text: str, expected: datetime) -> None:
+    mapping = inbound({"email": "email", "updated_at": "when"}, date_order=order)
+
+    assert mapping.apply_one({"email": "a@b.co", "when": text})["updated_at"] == expected
+
+
+def test_day_month_dates_without_date_order_are_refused_not_guessed() -> None:
+    mapping = inbound({"email": "email", "updated_at": "when"})
+
+    with pytest.raises(RecordFailure) as failure:
+        mapping.apply_one({"email": "a@b.co", "when": "09/01/24 12:49"})
+
+    assert "date_order" in failure.value.errors[0].message
+
+
+def test_inbound_dates_without_a_zone_take_the_mapping_timezone() -> None:
+    mapping = inbound(
+        {"email": "email", "updated_at": "when"}, date_order="DMY", timezone="Europe/Rome"
+    )
+
+    value = mapping.apply_one({"email": "a@b.co", "when": "09/01/24 12:49"})["updated_at"]
+
+    assert value == datetime(2024, 1, 9, 11, 49, tzinfo=UTC)
+
+
+def test_unknown_timezone_is_a_configuration_error() -> None:
+    with pytest.raises(ConfigError) as error:
+        inbound({"email": "email"}, timezone="Mars/Olympus")
+
+    assert error.value.key == "timezone"
+
+
+# --- properties ------------------------------------------------------------------------
+
+values = st.one_of(st.none(), st.just(""), st.text(min_size=1, max_size=8))
+
+
+@given(st.lists(values, min_size=1, max_size=5), st.text(min_size=1, max_size=5))
+def test_first_non_empty_or_default(candidates: list[str | None], default: str) -> None:
+    fields = {f"c{i}": v for i, v in enumerate(candidates)}
+    mapping = inbound({"email": "email", "metadata.v": {"paths": list(fields), "default": default}})
+
+    got = mapping.apply_one({"email": "a@b.co", **fields})["metadata"]["v"]
+
+    expected = next((v for v in candidates if v not in (None, "")), default)
+    assert got == expected
+
+
+@given(st.text(max_size=30))
+def test_text_transforms_are_idempotent(text: str) -> None:
+    for name in ("lower", "upper", "strip", "collapse_whitespace", "strip_apostrophe", "digits"):
+        once = TRANSFORMS[name](text)
+        if name == "strip_apostrophe":
+            continue  # strips one leading apostrophe by design
+        assert TRANSFORMS[name](once) == once, name
+
+
+@given(
+    st.text(min_size=1, max_size=10),
+    st.dictionaries(st.text(min_size=1, max_size=5), st.text(max_size=5), max_size=4),
+)
+def test_values_not_in_a_map_pass_through(value: str, table: dict[str, str]) -> None:
+    mapping = inbound({"email": "email", "metadata.v": {"path": "v", "map": table}})
+
+    got = mapping.apply_one({"email": "a@b.co", "v": value})["metadata"]["v"]
+
+    if value in table:
+        assert got == (table[value] if table[value] != "" else None)
+    else:
+        assert got == value

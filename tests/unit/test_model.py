@@ -1,0 +1,184 @@
+"""The Customer model and the parsing of every Commerce Layer input form."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from custsync.model import (
+    Customer,
+    from_flat,
+    iter_records,
+    normalize,
+    parse_timestamp,
+    redact,
+    validate_batch,
+)
+
+
+def resource(**attributes: Any) -> dict[str, Any]:
+    base = {"email": "ann@example.com", "updated_at": "2026-01-02T10:30:00.000Z"}
+    return {
+        "id": "xYZkjABcde",
+        "type": "customers",
+        "links": {"self": "https://acme.commercelayer.io/api/customers/xYZkjABcde"},
+        "attributes": {**base, **attributes},
+        "relationships": {
+            "customer_group": {"data": {"type": "customer_groups", "id": "grp1"}},
+            "customer_addresses": {"links": {"related": "..."}},
+        },
+        "meta": {"mode": "live"},
+    }
+
+
+GROUP = {"type": "customer_groups", "id": "grp1", "attributes": {"name": "VIP"}}
+
+
+def test_list_document_resolves_included_relationships() -> None:
+    [record] = list(iter_records({"data": [resource()], "included": [GROUP]}))
+
+    customer = Customer.model_validate(record)
+
+    assert customer.customer_group is not None
+    assert customer.customer_group.id == "grp1"
+    assert customer.customer_group.model_extra == {"name": "VIP"}
+
+
+def test_relationship_without_data_stays_unset() -> None:
+    [record] = list(iter_records({"data": [resource()]}))
+
+    assert "customer_addresses" not in record
+
+
+def test_resource_object_keeps_links_and_meta() -> None:
+    customer = Customer.model_validate(normalize(resource()))
+
+    assert customer.links is not None
+    assert customer.links.self == "https://acme.commercelayer.io/api/customers/xYZkjABcde"
+    assert customer.mode == "live"
+
+
+def test_json_array_of_resources_yields_each() -> None:
+    records = list(iter_records([resource(), resource(email="bob@example.com")]))
+
+    assert [r["email"] for r in records] == ["ann@example.com", "bob@example.com"]
+
+
+def test_flat_export_record_turns_rel_id_into_a_relationship() -> None:
+    record = from_flat({"id": "a", "email": "x@y.com", "customer_group_id": "grp1"})
+
+    assert record["customer_group"] == {"id": "grp1", "type": "customer_groups"}
+
+
+def test_csv_cells_empty_become_null_and_json_metadata_is_parsed() -> None:
+    record = from_flat({"email": "x@y.com", "reference": "", "metadata": '{"erp_id": "E1"}'})
+
+    assert record["reference"] is None
+    assert record["metadata"] == {"erp_id": "E1"}
+
+
+def test_dotted_headers_become_nested_values() -> None:
+    record = from_flat({"email": "x@y.com", "customer_group.name": "VIP", "metadata.tier": "gold"})
+
+    assert record["customer_group"] == {"name": "VIP"}
+    assert record["metadata"] == {"tier": "gold"}
+
+
+@pytest.mark.parametrize(
+    "email", ["ann@example.com", "  ann@example.com  ", "a.b+c@sub.example.co.uk"]
+)
+def test_plausible_emails_pass_and_are_stripped(email: str) -> None:
+    assert Customer.model_validate({"email": email}).email == email.strip()
+
+
+@pytest.mark.parametrize(
+    "email", ["ann", "ann@example", "a@b@example.com", "ann smith@example.com", "@example.com", ""]
+)
+def test_implausible_emails_are_refused(email: str) -> None:
+    [result] = validate_batch([{"email": email}])
+
+    assert isinstance(result, list)
+    assert result[0].field == "email"
+
+
+def test_email_is_required() -> None:
+    [result] = validate_batch([{"id": "a"}])
+
+    assert isinstance(result, list)
+    assert [e.field for e in result] == ["email"]
+
+
+def test_status_outside_the_documented_three_is_refused() -> None:
+    [result] = validate_batch([{"email": "a@b.co", "status": "vip"}])
+
+    assert isinstance(result, list)
+    assert result[0].field == "status"
+
+
+def test_unknown_attributes_are_kept() -> None:
+    customer = Customer.model_validate({"email": "a@b.co", "loyalty_points": 12})
+
+    assert customer.model_extra == {"loyalty_points": 12}
+
+
+def test_password_never_shows_in_repr_dump_or_json() -> None:
+    customer = Customer.model_validate({"email": "a@b.co", "password": "hunter2-secret"})
+
+    assert "hunter2-secret" not in repr(customer)
+    assert "hunter2-secret" not in str(customer.model_dump())
+    assert "hunter2-secret" not in customer.model_dump_json()
+    assert customer.password is not None
+    assert customer.password.get_secret_value() == "hunter2-secret"
+
+
+def test_validation_errors_never_repeat_the_input() -> None:
+    [result] = validate_batch([{"email": "hunter2-secret-not-an-email", "password": 5}])
+
+    assert isinstance(result, list)
+    assert "hunter2" not in str([e.message for e in result])
+
+
+def test_a_batch_with_one_bad_record_keeps_the_good_ones_in_place() -> None:
+    results = validate_batch([{"email": "a@b.co"}, {"email": "bad"}, {"email": "c@d.co"}])
+
+    assert isinstance(results[0], Customer)
+    assert isinstance(results[1], list)
+    assert isinstance(results[2], Customer)
+
+
+def test_timestamps_without_a_zone_are_refused() -> None:
+    [result] = validate_batch([{"email": "a@b.co", "updated_at": "2026-01-02T10:30:00"}])
+
+    assert isinstance(result, list)
+    assert result[0].field == "updated_at"
+
+
+def test_timestamps_keep_milliseconds_and_utc() -> None:
+    customer = Customer.model_validate({"email": "a@b.co", "updated_at": "2026-01-02T10:30:00.123Z"})
+
+    assert customer.updated_at == datetime(2026, 1, 2, 10, 30, 0, 123000, tzinfo=UTC)
+
+
+def test_meta_mode_outside_test_or_live_is_refused() -> None:
+    [result] = validate_batch([{"email": "a@b.co", "meta": {"mode": "staging"}}])
+
+    assert isinstance(result, list)
+    assert result[0].field == "meta.mode"
+
+
+def test_redact_masks_secret_keys_at_any_depth() -> None:
+    record = {"email": "a@b.co", "password": "p", "metadata": {"legacy": {"password_hash": "h"}}}
+
+    redacted = redact(record)
+
+    assert redacted["password"] == "**********"
+    assert redacted["metadata"]["legacy"]["password_hash"] == "**********"
+    assert redacted["email"] == "a@b.co"
+
+
+def test_parse_timestamp_reads_z_and_offsets_as_utc() -> None:
+    assert parse_timestamp("2026-01-02T12:30:00+02:00") == datetime(2026, 1, 2, 10, 30, tzinfo=UTC)
+    assert parse_timestamp("not a time") is None
+    assert parse_timestamp(None) is None
