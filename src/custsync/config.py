@@ -8,6 +8,7 @@ error names the file and the key (exit 2).
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import tomllib
@@ -289,11 +290,18 @@ def _section(model: type[BaseModel], values: Any, section: str, source: str) -> 
     try:
         return model.model_validate(values)
     except ValidationError as exc:
-        first = exc.errors(include_input=False, include_url=False)[0]
+        errors = exc.errors(include_input=False, include_url=False)
+        # A misspelt key also makes the real one "missing": name the misspelling first.
+        errors.sort(key=lambda e: e["type"] != "extra_forbidden")
+        first = errors[0]
         loc = ".".join(str(p) for p in first["loc"])
         key = f"{section}.{loc}" if loc else section
-        message = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
-        if first["type"] == "missing":
+        message = first["msg"]
+        if first["type"] == "extra_forbidden":
+            known = [name for name in model.model_fields if name not in values]
+            close = difflib.get_close_matches(str(first["loc"][-1]), known, n=1)
+            message = "unknown key" + (f" (did you mean {close[0]!r}?)" if close else "")
+        elif first["type"] == "missing":
             message = "required key is missing"
         raise ConfigError(message, source=source, key=key) from None
 

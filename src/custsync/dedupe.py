@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import orjson
 
+from custsync.model import SECRET_KEYS
 from custsync.targets.base import Key
 
 Policy = Literal["keep_latest", "keep_first", "merge", "reject"]
@@ -36,7 +37,7 @@ class Candidate:
     ts: datetime | None
     seq: int
     source_id: str
-    record: Mapping[str, Any]  # redacted: this may be written to disk and to rejects
+    record: Mapping[str, Any]  # as read; the rejects writer masks its secrets
     row: dict[str, Any]
     outcome: str | None = None  # once written: the target's outcome
 
@@ -75,7 +76,9 @@ class Ledger:
         self._db = sqlite3.connect(Path(self._dir.name) / "ledger.db", isolation_level=None)
         self._db.execute("PRAGMA journal_mode = OFF")
         self._db.execute("PRAGMA synchronous = OFF")
-        self._db.execute("CREATE TABLE holder (key BLOB PRIMARY KEY, entry BLOB NOT NULL)")
+        self._db.execute(
+            "CREATE TABLE holder (key BLOB PRIMARY KEY, entry BLOB NOT NULL, row BLOB)"
+        )
         self._seen = 0
 
     def close(self) -> None:
@@ -96,15 +99,26 @@ class Ledger:
         if self._seen == 0:
             return {}
         found: dict[Key, Candidate] = {}
-        encoded = [self._key(k) for k in keys]
-        for start in range(0, len(encoded), _CHUNK):
-            chunk = encoded[start : start + _CHUNK]
+        encoded = {self._key(k): k for k in keys}
+        chunks = list(encoded)
+        for start in range(0, len(chunks), _CHUNK):
+            chunk = chunks[start : start + _CHUNK]
             marks = ",".join("?" * len(chunk))
-            for _, entry in self._db.execute(
-                f"SELECT key, entry FROM holder WHERE key IN ({marks})", chunk
-            ):
-                candidate: Candidate = pickle.loads(entry)
-                found[candidate.key] = candidate
+            rows = self._db.execute(
+                f"SELECT key, entry, row FROM holder WHERE key IN ({marks})", chunk
+            )
+            for encoded_key, entry, row in rows:
+                ts, seq, source_id, outcome, record = orjson.loads(entry)
+                key = encoded[encoded_key]
+                found[key] = Candidate(
+                    key,
+                    datetime.fromisoformat(ts) if ts else None,
+                    seq,
+                    source_id,
+                    record,
+                    pickle.loads(row) if row is not None else {},
+                    outcome,
+                )
         return found
 
     def resolve(self, candidates: Sequence[Candidate]) -> Resolution:
@@ -156,10 +170,30 @@ class Ledger:
         if not holders:
             return
         self._seen += len(holders)
+        # Rows are kept only where a later record may merge into them; records lose their
+        # top-level secrets before they touch the scratch file.
+        keep_rows = self.policy == "merge"
         self._db.executemany(
-            "INSERT OR REPLACE INTO holder (key, entry) VALUES (?, ?)",
+            "INSERT OR REPLACE INTO holder (key, entry, row) VALUES (?, ?, ?)",
             [
-                (self._key(c.key), pickle.dumps(c, protocol=pickle.HIGHEST_PROTOCOL))
+                (
+                    self._key(c.key),
+                    orjson.dumps(
+                        [
+                            c.ts.isoformat() if c.ts else None,
+                            c.seq,
+                            c.source_id,
+                            c.outcome,
+                            _scrub(c.record),
+                        ],
+                        default=str,
+                    ),
+                    pickle.dumps(c.row, protocol=pickle.HIGHEST_PROTOCOL) if keep_rows else None,
+                )
                 for c in holders
             ],
         )
+
+
+def _scrub(record: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in record.items() if k.lower() not in SECRET_KEYS}

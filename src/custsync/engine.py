@@ -31,8 +31,8 @@ from custsync.errors import (
     FieldError,
     LockedError,
 )
-from custsync.mapping import is_empty
-from custsync.model import Customer, normalize, parse_timestamp, redact, validate_batch
+from custsync.mapping import RecordFailure, is_empty
+from custsync.model import Customer, normalize, parse_timestamp, validate_batch
 from custsync.rejects import Reject, RejectsWriter, read_rejects
 from custsync.sources.base import Checkpoint, RawRecord, Source, SourceBatch
 from custsync.state import StateStore
@@ -460,9 +460,10 @@ class _Run:
                     data,
                 )
                 continue
-            row = mapping.apply([customer])[0]
-            if isinstance(row, list):
-                reject("map", source_id, row, data)
+            try:
+                row = mapping.apply_one(customer)
+            except RecordFailure as failure:
+                reject("map", source_id, failure.errors, data)
                 continue
             missing = []
             for column in key_columns:
@@ -489,7 +490,7 @@ class _Run:
                     customer.updated_at,
                     self.seq,
                     source_id,
-                    redact(data),
+                    data,
                     row,
                 )
             )

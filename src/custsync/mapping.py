@@ -8,6 +8,7 @@ path(s), then ``transform``, then ``map``, then ``default``; ``type`` fixes the 
 
 from __future__ import annotations
 
+import operator
 import re
 import tomllib
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -441,17 +442,23 @@ def _compile_field(
             if lookup in value_map:
                 value = value_map[lookup]
             elif strict_map:
-                raise _Fail(f"value {_short(lookup)!r} is not in the field's map (strict_map)")
-        if is_empty(value):
+                raise _Fail("the value is not in the field's map (strict_map)")
+        if value is None or value == "":
             value = default
         return coerce(value)
 
+    def compute_plain(record: Any) -> Any:
+        # The common field (a path, nothing else): the same steps without the empty loops.
+        value = resolve(record)
+        if value is None or value == "":
+            value = default
+        return coerce(value)
+
+    if not transforms and value_map is None:
+        compute = compute_plain
+
     guard = paths == ("updated_at",) and "const" not in spec and "template" not in spec
     return CompiledField(name, column_type, compute, paths, guard)
-
-
-def _short(value: str) -> str:
-    return value if len(value) <= 40 else value[:37] + "..."
 
 
 def _type_of_value(value: Any) -> FieldType:
@@ -491,6 +498,9 @@ def _source_getter(path: str, direction: Direction, source: str | None, where: s
         _check_customer_path(path, where=where, source=source)
         if path == "meta.mode":
             return lambda customer: customer.meta.mode if customer.meta is not None else None
+        root, _, rest = path.partition(".")
+        if not rest and root in Customer.model_fields:
+            return operator.attrgetter(root)  # a Customer attribute: the hot, simple case
         return _compile_path(path)
     return _column_getter(path)
 

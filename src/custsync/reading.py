@@ -5,15 +5,17 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
-import pandas as pd
 
 from custsync import plugins
 from custsync.config import build_source
 from custsync.errors import FieldError, RecordError
 from custsync.model import Customer, validate_batch
 from custsync.sources.base import Source
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger("custsync")
 
@@ -81,6 +83,8 @@ def read_customers(
 ) -> pd.DataFrame:
     """A pandas DataFrame of customers, one column per field, nested values flattened
     with dots (``metadata.tier``, ``customer_group.name``); passwords never included."""
+    import pandas as pd  # imported here: a plain sync never pays for pandas
+
     rows: list[dict[str, Any]] = []
     for batch in iter_customers(source, base_dir=base_dir, on_error=on_error):
         for customer in batch:
