@@ -425,7 +425,8 @@ def _mappings() -> int:
         try:
             mapping = load_mapping_file(name)
             direction = mapping.direction or "either"
-            print(f"{name:24} {direction:8}  {mapping.description}")
+            summary = mapping.description.split(". ")[0].rstrip(".")
+            print(f"{name:24} {direction:8}  {summary}")
         except ConfigError as exc:
             print(f"{name:24} broken    {exc} ({path})")
     return EXIT_OK

@@ -205,12 +205,7 @@ def build_job(
         )
 
     mapping = _outbound_mapping(mapping_settings, base_dir, source)
-    inbound = None
-    if source_settings.mapping:
-        inbound_file = load_mapping_file(
-            source_settings.mapping, base_dir=base_dir, source=source, key="source.mapping"
-        )
-        inbound = inbound_file.compile(direction="inbound", source=source)
+    inbound = _inbound_mapping(source_settings, base_dir, source)
 
     key = target_settings.key_columns or mapping.key
     if not key:
@@ -353,9 +348,25 @@ def build_source(
     """A ``[source]`` table alone (for ``read_customers``): its settings and inbound mapping."""
     settings = _connector_settings("source", data, base_dir, source)
     assert isinstance(settings, SourceSettings)
-    inbound = None
-    if settings.mapping:
-        inbound = load_mapping_file(
-            settings.mapping, base_dir=base_dir, source=source, key="source.mapping"
-        ).compile(direction="inbound", source=source)
-    return settings, inbound
+    return settings, _inbound_mapping(settings, base_dir, source)
+
+
+def _inbound_mapping(
+    settings: SourceSettings, base_dir: Path, source: str
+) -> CompiledMapping | None:
+    if not settings.mapping:
+        if settings.date_order or settings.timezone:
+            raise ConfigError(
+                "date_order and timezone apply to an inbound mapping: set source.mapping",
+                source=source,
+                key="source.date_order" if settings.date_order else "source.timezone",
+            )
+        return None
+    mapping_file = load_mapping_file(
+        settings.mapping, base_dir=base_dir, source=source, key="source.mapping"
+    )
+    return mapping_file.compile(
+        direction="inbound",
+        source=source,
+        overrides={"date_order": settings.date_order, "timezone": settings.timezone},
+    )

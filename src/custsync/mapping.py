@@ -58,7 +58,7 @@ TRANSFORMS: dict[str, Callable[[Any], Any]] = {
     # Shopify exports prefix ids and phone numbers with ' so spreadsheets keep them as text.
     "strip_apostrophe": _str_only(lambda s: s[1:] if s.startswith("'") else s),
     "digits": _str_only(lambda s: "".join(ch for ch in s if ch.isdigit())),
-    # WooCommerce guests have customer_id 0: treat it as empty so the next path is used.
+    # WooCommerce guests have customer_id 0: make it empty (then `default` applies).
     "empty_if_zero": lambda v: None if v in (0, "0", 0.0) else v,
 }
 TRANSFORMS["collapse"] = TRANSFORMS["collapse_whitespace"]
@@ -638,8 +638,10 @@ def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
             if not isinstance(nxt, dict):
                 nxt = target[part] = {}
             target = nxt
-        if value is None and parts[-1] in target:
-            continue  # an empty later field never erases a value set by an earlier one
+        if value is None and (len(parts) > 1 or parts[-1] in target):
+            # An empty column adds no null leaf to metadata, and never erases a value set
+            # by an earlier field.
+            continue
         target[parts[-1]] = value
     return out
 
@@ -732,7 +734,11 @@ class MappingFile:
         direction: Direction,
         extra: Mapping[str, Any] | None = None,
         source: str | None = None,
+        overrides: Mapping[str, Any] | None = None,
     ) -> CompiledMapping:
+        """Compile, with the job's ``extra`` fields and ``overrides`` of ``date_order`` /
+        ``timezone`` (both given by a job take precedence over the file's)."""
+        options = {**self.options, **{k: v for k, v in (overrides or {}).items() if v}}
         if self.direction is not None and self.direction != direction:
             raise ConfigError(
                 f"mapping {self.name!r} is an {self.direction} mapping; it cannot be used "
@@ -744,8 +750,8 @@ class MappingFile:
             compile_mapping(
                 extra,
                 direction=direction,
-                date_order=self.options.get("date_order"),
-                timezone=self.options.get("timezone"),
+                date_order=options.get("date_order"),
+                timezone=options.get("timezone"),
                 source=source,
                 section="mapping.fields",
             )
@@ -756,8 +762,8 @@ class MappingFile:
             name=self.name,
             description=self.description,
             key=self.key,
-            date_order=self.options.get("date_order"),
-            timezone=self.options.get("timezone"),
+            date_order=options.get("date_order"),
+            timezone=options.get("timezone"),
             source=str(self.path),
         )
 

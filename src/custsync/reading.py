@@ -7,7 +7,6 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
 
-
 from custsync import plugins
 from custsync.config import build_source
 from custsync.errors import FieldError, RecordError
@@ -95,5 +94,4 @@ def read_customers(
             break
     if not rows:
         return pd.DataFrame()
-    frame = pd.json_normalize(rows, sep=".")
-    return frame.dropna(axis="columns", how="all") if len(frame.columns) > 40 else frame
+    return pd.json_normalize(rows, sep=".")

@@ -44,7 +44,15 @@ from custsync.targets.base import (
 if TYPE_CHECKING:  # only for annotations: pytest is a dev dependency, not a runtime one
     import pytest
 
-__all__ = ["NO_ROW", "MemorySource", "MemoryTarget", "Refusal", "TargetContract", "TargetFactory"]
+__all__ = [
+    "CONTRACT_SCHEMA",
+    "NO_ROW",
+    "MemorySource",
+    "MemoryTarget",
+    "Refusal",
+    "TargetContract",
+    "TargetFactory",
+]
 
 # The message of an update_only write to an absent key (the sql target says the same).
 NO_ROW = "no row with this key, and match_policy = update_only"

@@ -207,3 +207,24 @@ def test_max_rejects_of_one_or_more_is_a_count() -> None:
 
     assert not sync.rejects_exceeded(3, 10)
     assert sync.rejects_exceeded(4, 1_000_000)
+
+
+def test_a_job_can_override_the_inbound_presets_date_order(tmp_path: Path) -> None:
+    text = MINIMAL.replace(
+        'path = "customers.jsonl"',
+        'path = "customers.csv"\nmapping = "magento_customers"\ndate_order = "MDY"',
+    )
+
+    config = load_job_file(job_file(tmp_path, text), env={})
+
+    assert config.inbound is not None
+    record = config.inbound.apply_one(
+        {"email": "a@b.co", "_website": "base", "updated_at": "09/01/24 12:49"}
+    )
+    assert record["updated_at"].month == 9
+
+
+def test_date_order_without_an_inbound_mapping_is_an_error(tmp_path: Path) -> None:
+    text = MINIMAL.replace('path = "customers.jsonl"', 'path = "c.jsonl"\ndate_order = "MDY"')
+
+    assert error_of(job_file(tmp_path, text)).key == "source.date_order"

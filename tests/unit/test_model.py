@@ -156,7 +156,9 @@ def test_timestamps_without_a_zone_are_refused() -> None:
 
 
 def test_timestamps_keep_milliseconds_and_utc() -> None:
-    customer = Customer.model_validate({"email": "a@b.co", "updated_at": "2026-01-02T10:30:00.123Z"})
+    record = {"email": "a@b.co", "updated_at": "2026-01-02T10:30:00.123Z"}
+
+    customer = Customer.model_validate(record)
 
     assert customer.updated_at == datetime(2026, 1, 2, 10, 30, 0, 123000, tzinfo=UTC)
 

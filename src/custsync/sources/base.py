@@ -81,3 +81,7 @@ class SourceSettings(BaseModel):
     environment: Literal["test", "live"] | None = None
     # An inbound mapping (preset name or path) for records that are not Commerce Layer-shaped.
     mapping: str | None = None
+    # Override the inbound mapping's reading of dates without a zone or a year-first order
+    # (a preset assumes one locale; an export from another says so here).
+    date_order: Literal["DMY", "MDY", "YMD"] | None = None
+    timezone: str | None = None
