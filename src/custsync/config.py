@@ -120,10 +120,12 @@ class JobConfig(BaseModel):
 
 def row_schema(mapping: CompiledMapping, target: TargetSettings) -> RowSchema:
     key = target.key_columns or mapping.key
+    # Key columns are text (VARCHAR) whatever the mapping gives: the engine writes keys as
+    # strings, so a key is found again whatever its source type was.
     columns = tuple(
         ColumnSpec(
             name,
-            kind,
+            "text" if name in key else kind,
             nullable=name not in key,
             length=KEY_LENGTH if name in key else None,
         )

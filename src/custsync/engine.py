@@ -334,6 +334,9 @@ class _Run:
         except (CustsyncError, SQLAlchemyError, OSError) as exc:
             status, error = "failed", f"{type(exc).__name__}: {exc}"
             log.error("run %s of %s failed: %s", self.run_id, self.config.name, error)
+        except Exception as exc:
+            status, error = "failed", f"unexpected {type(exc).__name__}: {exc}"
+            log.exception("run %s of %s failed unexpectedly", self.run_id, self.config.name)
         finally:
             for closeable in (source, target):
                 if closeable is not None:
@@ -468,6 +471,8 @@ class _Run:
             missing = []
             for column in key_columns:
                 value = row.get(column)
+                if value is not None and not isinstance(value, str):
+                    value = _key_text(value)
                 if isinstance(value, str):
                     value = row[column] = value.strip()
                 if is_empty(value):
@@ -585,6 +590,14 @@ class _Run:
             ):
                 committed.append(rewrite)
         ledger.commit(committed)
+
+
+def _key_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, datetime):
+        return _iso(value) or ""
+    return str(value)
 
 
 def _source_id(data: Mapping[str, Any], origin: str) -> str:

@@ -34,7 +34,7 @@ def _checked_url(env_var: str, default: str, what: str) -> str:
     try:
         with engine.connect() as conn:
             conn.execute(sa.text("SELECT 1"))
-    except Exception as exc:  # any failure to connect means "no server here"
+    except Exception as exc:  # noqa: BLE001 - any failure to connect means "no server here"
         shown = engine.url.render_as_string(hide_password=True)
         message = (
             f"{what} is not reachable at {shown} ({type(exc).__name__}); "

@@ -37,6 +37,7 @@ from custsync._fake import make_customers, write_list_documents
 pytestmark = pytest.mark.slow
 
 N = 20_000
+SEED = 11
 BATCH_SIZES = (200, 100, 50)  # smaller batches slow a run down when one ends too soon
 POLL_S = 0.02
 RUN_TIMEOUT_S = 120
@@ -45,8 +46,8 @@ RUN_TIMEOUT_S = 120
 @pytest.fixture(scope="module")
 def customers_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("crash-input") / "customers.jsonl"
-    customers = make_customers(N, seed=11, tie_fraction=0.25)
-    write_list_documents(path, customers, page_size=25, record_count=N)
+    customers = make_customers(N, seed=SEED, tie_fraction=0.25)
+    write_list_documents(path, customers, page_size=25, seed=SEED, record_count=N)
     return path
 
 
@@ -136,12 +137,13 @@ def wait_until_partial(run: Run, db: Db, *, at_least: int) -> int | None:
 def stop_mid_run(
     folder: Path, db: Db, customers_file: Path, sig: signal.Signals
 ) -> tuple[Path, Run, int]:
-    """Start a run and send ``sig`` once some batches are in the table; retried with
-    smaller batches (slower runs) when a run ends first. The job, the run, its batch size."""
+    """Start a run and send ``sig`` once a third of the rows are in the table; retried
+    with smaller batches (slower runs) when a run ends first. The job, the run, its batch
+    size."""
     for batch_size in BATCH_SIZES:
         job = crash_job(folder, db, customers_file, batch_size=batch_size)
         run = Run(job)
-        if wait_until_partial(run, db, at_least=2 * batch_size) is not None:
+        if wait_until_partial(run, db, at_least=N // 3) is not None:
             run.process.send_signal(sig)
             return job, run, batch_size
         run.finish()

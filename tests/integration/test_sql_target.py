@@ -18,7 +18,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
-from custsync.errors import ConfigError, TargetError
+from custsync.errors import ConfigError
 from custsync.targets.base import ColumnSpec, FieldType, Key, Outcome, Row, RowSchema
 from custsync.targets.sql import SqlTarget, SqlTargetSettings, UtcTimestamp, make_engine
 from custsync.testing import CONTRACT_SCHEMA, TargetContract
@@ -230,7 +230,7 @@ def test_mariadb_stores_utc_in_datetime6_and_keys_in_a_binary_collation(maria: D
 
     assert column("updated_at", "column_type") == "datetime(6)"
     assert column("key", "column_type") == "varchar(64)"
-    assert column("key", "collation_name") == "utf8mb4_bin"
+    assert column("key", "collation_name") == "utf8mb4_nopad_bin"
     stored = maria.scalar(f"SELECT CAST(updated_at AS CHAR) FROM {table}")
     assert stored == "2024-05-17 08:30:12.345678"  # the UTC wall time, not +02:00
 
@@ -269,12 +269,6 @@ def test_a_dry_run_does_not_add_the_column(db: Db) -> None:
     assert "tier" not in db.columns(table)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TargetError,
-    reason="BUG: after prepare(create=False) notes a column to add, preview() selects the "
-    "column that does not exist yet and raises TargetError, so a dry run fails",
-)
 def test_preview_works_before_a_new_column_is_added(db: Db) -> None:
     before = db.prepared()
     table = before.settings.table
@@ -372,16 +366,7 @@ def test_a_nul_character_fails_alone_on_postgres(pg: Db, column: str, value: Any
 @pytest.mark.parametrize(
     "db",
     [
-        pytest.param(
-            "sqlite",
-            id="sqlite",
-            marks=pytest.mark.xfail(
-                strict=True,
-                raises=OverflowError,
-                reason="BUG: sqlite3 raises OverflowError while binding, which is not a DBAPI "
-                "error: it escapes write() (and Job.run) instead of failing the row",
-            ),
-        ),
+        pytest.param("sqlite", id="sqlite"),
         POSTGRES,
         MARIADB,
     ],
@@ -447,11 +432,6 @@ def test_keys_differing_only_in_case_are_two_rows(db: Db) -> None:
 
 
 @pytest.mark.mysql
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: utf8mb4_bin is a PAD SPACE collation, so MariaDB takes 'abc ' for 'abc': "
-    "the write overwrites the other key's row and reports it INSERTED",
-)
 def test_keys_differing_by_trailing_spaces_are_two_rows_on_mariadb(maria: Db) -> None:
     target = maria.prepared()
     target.write([row("abc")])
@@ -509,12 +489,6 @@ def test_composite_keys_upsert_on_both_columns(db: Db) -> None:
     assert outcomes(target.preview([r("t1", "b", "x")])) == {("t1", "b"): Outcome.UPDATED}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: an integer key column is created as VARCHAR but compared with the incoming "
-    "int, so a re-written row is never found (SQLite/MariaDB report INSERTED again, "
-    "PostgreSQL fails the batch: character varying = integer)",
-)
 def test_an_integer_key_is_found_again(db: Db) -> None:
     schema = RowSchema(
         columns=(ColumnSpec("customer_no", "integer", nullable=False), ColumnSpec("name", "text")),

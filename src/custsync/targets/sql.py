@@ -100,13 +100,16 @@ class UtcTimestamp(sa.types.TypeDecorator[datetime]):
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
-def _column_type(column: ColumnSpec, *, key: bool) -> sa.types.TypeEngine[Any]:
-    if key:
-        # Keys are compared exactly: a binary collation on MariaDB, where the default one
-        # would make "A@x.com" and "a@x.com" the same key. Keys are normalised by the mapping.
+def _column_type(
+    column: ColumnSpec, *, key: bool, key_collation: str = "utf8mb4_bin"
+) -> sa.types.TypeEngine[Any]:
+    if key and column.type == "text":
+        # Keys are compared exactly: a binary, no-pad collation on MariaDB/MySQL, where the
+        # default would make "A@x.com" and "a@x.com" (or "abc" and "abc ") the same key.
+        # Keys are normalised by the mapping, never by a collation.
         length = column.length or 255
         return sa.String(length).with_variant(
-            mysql.VARCHAR(length, charset="utf8mb4", collation="utf8mb4_bin"), "mysql", "mariadb"
+            mysql.VARCHAR(length, charset="utf8mb4", collation=key_collation), "mysql", "mariadb"
         )
     kinds: dict[FieldType, sa.types.TypeEngine[Any]] = {
         "text": sa.Text(),
@@ -215,6 +218,7 @@ class SqlTarget:
         self.settings = settings
         self.engine = make_engine(settings.url)
         self._schema: RowSchema | None = None
+        self._present: set[str] | None = None  # columns the table has (None: all of them)
         self._table: sa.Table | None = None
         self._exists = False
         self._upsert: Any = None
@@ -263,7 +267,7 @@ class SqlTarget:
         columns = [
             sa.Column(
                 c.name,
-                _column_type(c, key=c.name in schema.key),
+                _column_type(c, key=c.name in schema.key, key_collation=self._key_collation()),
                 nullable=c.nullable and c.name not in schema.key,
             )
             for c in schema.columns
@@ -281,6 +285,14 @@ class SqlTarget:
         return sa.Table(
             self.settings.table, sa.MetaData(), *args, schema=self.settings.db_schema, **kwargs
         )
+
+    def _key_collation(self) -> str:
+        dialect = self.engine.dialect
+        if dialect.name not in ("mysql", "mariadb"):
+            return "utf8mb4_bin"
+        if getattr(dialect, "is_mariadb", False):
+            return "utf8mb4_nopad_bin"  # MariaDB 10.2+
+        return "utf8mb4_0900_bin"  # MySQL 8: binary and no-pad
 
     def _create(self, schema: RowSchema) -> None:
         table = self._build_table(schema, for_create=True)
@@ -320,6 +332,8 @@ class SqlTarget:
             c for c in schema.columns if c.name not in existing and c.name.lower() not in lowered
         ]
         if added and not create:
+            # A dry run: reads must not name the columns that are not there yet.
+            self._present = {c.name for c in schema.columns} - {c.name for c in added}
             return [f"would add column(s) {', '.join(c.name for c in added)} to {name}"]
         if added:
             preparer = self.engine.dialect.identifier_preparer
@@ -460,7 +474,8 @@ class SqlTarget:
                 condition = key_cols[0].in_([k[0] for k in chunk])
             else:
                 condition = sa.tuple_(*key_cols).in_(chunk)
-            query = sa.select(table).where(condition)
+            columns = [c for c in table.columns if self._present is None or c.name in self._present]
+            query = sa.select(*columns).where(condition)
             if lock and self.dialect != "sqlite":
                 query = query.with_for_update()
             for stored in conn.execute(query).mappings():
@@ -505,7 +520,8 @@ class SqlTarget:
             with conn.begin_nested():
                 conn.execute(self._upsert, list(rows))
             return {}
-        except (IntegrityError, DataError) as exc:
+        except (IntegrityError, DataError, OverflowError) as exc:
+            # OverflowError: the sqlite3 driver refuses an integer beyond 64 bits itself.
             if len(rows) == 1:
                 return {schema.key_of(rows[0]): _db_message(exc)}
         except DBAPIError as exc:
