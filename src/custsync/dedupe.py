@@ -73,7 +73,7 @@ class Ledger:
     def __init__(self, policy: Policy, *, directory: Path | None = None) -> None:
         self.policy = policy
         self._dir = tempfile.TemporaryDirectory(prefix="custsync-run-", dir=directory)
-        self._db = sqlite3.connect(Path(self._dir.name) / "ledger.db", isolation_level=None)
+        self._db = sqlite3.connect(Path(self._dir.name) / "ledger.db")
         self._db.execute("PRAGMA journal_mode = OFF")
         self._db.execute("PRAGMA synchronous = OFF")
         self._db.execute(
@@ -173,27 +173,33 @@ class Ledger:
         # Rows are kept only where a later record may merge into them; records lose their
         # top-level secrets before they touch the scratch file.
         keep_rows = self.policy == "merge"
-        self._db.executemany(
-            "INSERT OR REPLACE INTO holder (key, entry, row) VALUES (?, ?, ?)",
-            [
-                (
-                    self._key(c.key),
-                    orjson.dumps(
-                        [
-                            c.ts.isoformat() if c.ts else None,
-                            c.seq,
-                            c.source_id,
-                            c.outcome,
-                            _scrub(c.record),
-                        ],
-                        default=str,
-                    ),
-                    pickle.dumps(c.row, protocol=pickle.HIGHEST_PROTOCOL) if keep_rows else None,
-                )
-                for c in holders
-            ],
-        )
+        # One transaction a batch: in autocommit every row would be its own transaction.
+        with self._db:
+            self._db.executemany(
+                "INSERT OR REPLACE INTO holder (key, entry, row) VALUES (?, ?, ?)",
+                [
+                    (
+                        self._key(c.key),
+                        orjson.dumps(
+                            [
+                                c.ts.isoformat() if c.ts else None,
+                                c.seq,
+                                c.source_id,
+                                c.outcome,
+                                _scrub(c.record),
+                            ],
+                            default=str,
+                        ),
+                        pickle.dumps(c.row, protocol=pickle.HIGHEST_PROTOCOL)
+                        if keep_rows
+                        else None,
+                    )
+                    for c in holders
+                ],
+            )
 
 
-def _scrub(record: Mapping[str, Any]) -> dict[str, Any]:
+def _scrub(record: Mapping[str, Any]) -> Mapping[str, Any]:
+    if SECRET_KEYS.isdisjoint(record):
+        return record  # the common case, checked in C
     return {k: v for k, v in record.items() if k.lower() not in SECRET_KEYS}

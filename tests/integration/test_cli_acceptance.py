@@ -228,6 +228,30 @@ def test_record_without_an_external_key_is_rejected_at_map_naming_the_key_column
     assert "metadata.erp_id" in line["errors"][0]["message"]
 
 
+def test_row_the_target_refuses_is_rejected_at_load_and_the_rest_of_its_batch_commits(
+    db: Db, job_dir: Path
+) -> None:
+    too_long = "R" * 300  # the key column is VARCHAR(255)
+    write_pages(
+        job_dir / "customers.jsonl",
+        [
+            customer("A", updated_at=at(1)),
+            customer("LONG", reference=too_long, updated_at=at(2)),
+            customer("B", updated_at=at(3)),
+        ],
+    )
+    job = erp_job(job_dir, db, sync='batch_size = 10\nlookback = "0s"\nmax_rejects = 5')
+
+    summary = sync_ok(job)
+
+    assert (summary["inserted"], summary["rejected"]) == (2, 1)
+    assert sorted(db.by_key()) == ["CUST-A", "CUST-B"]
+    [line] = rejects_of(job)
+    assert (line["stage"], line["source_id"], line["key"]) == ("load", "LONG", too_long)
+    assert [e["field"] for e in line["errors"]] == ["customer_no"]
+    assert line["errors"][0]["message"]
+
+
 # --- duplicate keys in one run ------------------------------------------------------------
 
 
@@ -476,6 +500,18 @@ def test_usage_error_exits_2_and_still_ends_with_the_json_summary(job_dir: Path)
     assert result.summary["status"] == "config_error"
 
 
+def test_failed_run_exits_1_and_still_ends_with_the_json_summary(sqlite: Db, job_dir: Path) -> None:
+    job = erp_job(job_dir, sqlite, source='path = "no-such-export.jsonl"')
+
+    result = sync(job)
+
+    assert result.returncode == 1, str(result)
+    assert set(result.summary) == SUMMARY_KEYS
+    assert result.summary["status"] == "failed"
+    assert "no-such-export.jsonl" in result.stderr
+    assert state_of(job)["watermark"] is None
+
+
 def test_rejects_over_max_rejects_exit_3_and_the_watermark_still_moves(
     sqlite: Db, job_dir: Path
 ) -> None:
@@ -522,6 +558,7 @@ def test_run_while_another_holds_the_lock_exits_75_touching_nothing(
     holder = hold_lock(job)
     try:
         result = sync(job, timeout=30)
+        dry = sync(job, "--dry-run", timeout=30)  # a dry run takes no lock
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
@@ -535,6 +572,8 @@ def test_run_while_another_holds_the_lock_exits_75_touching_nothing(
     assert rejects_of(job) == []
     state = state_of(job)
     assert (state["watermark"], state["runs"]) == (None, [])
+    assert dry.returncode == 0, str(dry)
+    assert dry.summary["inserted"] == 1
     # The lock died with its holder: the next run goes ahead.
     assert sync_ok(job)["inserted"] == 1
 
@@ -754,9 +793,9 @@ def test_replaying_the_jobs_own_rejects_file_with_a_still_bad_record_ends(
     rejects_file = job_dir / ".custsync" / "rejects" / "erp-nightly.jsonl"
 
     try:
-        replay = sync(job, "--from-rejects", str(rejects_file), timeout=15)
+        replay = sync(job, "--from-rejects", str(rejects_file), timeout=10)
     except subprocess.TimeoutExpired:
-        pytest.fail("the replay did not end within 15 s")
+        pytest.fail("the replay did not end within 10 s")
 
     assert replay.returncode == 0, str(replay)
     assert (replay.summary["read"], replay.summary["rejected"]) == (2, 2)

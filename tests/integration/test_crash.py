@@ -1,7 +1,8 @@
 """A run killed mid-way, then run again, leaves the target a clean run leaves.
 
 ``kill -9`` at an arbitrary batch and SIGTERM (stop after the batch in flight) on 20,000
-generated customers, a quarter of them sharing one ``updated_at``, written in batches of
+generated customers, a quarter of them sharing one ``updated_at``, followed by 1,000 later
+edits of some of them (the same key again, newer, older or tied), written in batches of
 200 into SQLite, PostgreSQL and MariaDB. Each test compares every column of every row
 with a clean run of the same input into a table of its own, run alongside.
 """
@@ -9,11 +10,13 @@ with a clean run of the same input into a table of its own, run alongside.
 from __future__ import annotations
 
 import json
+import random
 import shutil
 import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import IO, Any
 
@@ -32,11 +35,12 @@ from helpers import (
     write_job,
 )
 
-from custsync._fake import make_customers, write_list_documents
+from custsync._fake import make_customers, touch, write_list_documents
 
 pytestmark = pytest.mark.slow
 
-N = 20_000
+N = 20_000  # distinct customers, each a row
+EDITS = 1_000  # later records of the same keys: each one a duplicate in a run
 SEED = 11
 BATCH_SIZES = (200, 100, 50)  # smaller batches slow a run down when one ends too soon
 POLL_S = 0.02
@@ -45,13 +49,34 @@ RUN_TIMEOUT_S = 120
 
 @pytest.fixture(scope="module")
 def customers_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The N customers, then EDITS edits of some of them: half an hour later (they win),
+    or back at their creation (they lose, or tie and win as the last seen)."""
     path = tmp_path_factory.mktemp("crash-input") / "customers.jsonl"
-    customers = make_customers(N, seed=SEED, tie_fraction=0.25)
-    write_list_documents(path, customers, page_size=25, seed=SEED, record_count=N)
+    customers = list(make_customers(N, seed=SEED, tie_fraction=0.25))
+    rng = random.Random(SEED)
+    edits = []
+    for number, original in enumerate(rng.sample(customers, EDITS)):
+        attributes = original["attributes"]
+        moment = datetime.fromisoformat(attributes["updated_at"]) + timedelta(minutes=30)
+        if number % 2:
+            moment = datetime.fromisoformat(attributes["created_at"])
+        edits.append(touch(original, at=moment, rng=rng))
+    write_list_documents(path, customers + edits, page_size=25, seed=SEED)
     return path
 
 
 MakeDb = Callable[[Path], Db]
+_STARTED: list[Run] = []  # background runs, killed at teardown if a test failed first
+
+
+@pytest.fixture(autouse=True)
+def no_run_outlives_its_test() -> Iterator[None]:
+    yield
+    while _STARTED:
+        run = _STARTED.pop()
+        if run.process.poll() is None:
+            run.process.kill()
+            run.process.wait()
 
 
 @pytest.fixture(
@@ -91,6 +116,7 @@ class Run:
             stderr=self._stderr,
             text=True,
         )
+        _STARTED.append(self)
 
     def finish(self) -> tuple[int, dict[str, Any] | None]:
         """Wait for the end; the exit code and the --json summary, if one was printed."""
@@ -159,6 +185,14 @@ def start_clean_run(tmp_path: Path, make_db: MakeDb, customers_file: Path) -> tu
     return Run(crash_job(folder, db, customers_file, batch_size=BATCH_SIZES[0])), db
 
 
+def assert_clean_run_ok(run: Run) -> None:
+    code, summary = run.finish()
+    assert code == 0, run.stderr()
+    assert summary is not None
+    expected = {"read": N + EDITS, "inserted": N, "duplicates": EDITS, "rejected": 0}
+    assert {k: summary[k] for k in expected} == expected
+
+
 def assert_same_table(got: Db, clean: Db) -> None:
     expected, actual = clean.rows(), got.rows()
     assert len(actual) == len(expected) == N
@@ -181,15 +215,16 @@ def test_kill_9_mid_run_then_rerun_ends_as_a_clean_run(
     assert summary is None
     committed = db.count()
     assert 0 < committed < N
+    # The edits come last, so up to here every record read is a row of its own.
     assert committed % batch_size == 0, "a batch is one transaction: all of it or none"
     # An unordered source moves the watermark only once its whole input is committed.
     assert state_of(job)["watermark"] is None
 
     rerun = sync_ok(job, timeout=RUN_TIMEOUT_S)  # the lock died with the killed process
 
-    assert rerun["read"] == N
-    assert (rerun["inserted"], rerun["unchanged"]) == (N - committed, committed)
-    assert clean_run.finish()[0] == 0, clean_run.stderr()
+    assert rerun["read"] == N + EDITS
+    assert (rerun["inserted"], rerun["duplicates"]) == (N - committed, EDITS)
+    assert_clean_run_ok(clean_run)
     assert_same_table(db, clean)
 
 
@@ -219,7 +254,7 @@ def test_sigterm_commits_the_batch_in_flight_exits_1_interrupted_and_rerun_compl
 
     rerun = sync_ok(job, timeout=RUN_TIMEOUT_S)
 
-    assert rerun["read"] == N
-    assert (rerun["inserted"], rerun["unchanged"]) == (N - committed, committed)
-    assert clean_run.finish()[0] == 0, clean_run.stderr()
+    assert rerun["read"] == N + EDITS
+    assert (rerun["inserted"], rerun["duplicates"]) == (N - committed, EDITS)
+    assert_clean_run_ok(clean_run)
     assert_same_table(db, clean)
