@@ -10,6 +10,7 @@ one becomes the loser after the fact: the engine moves it from its count to
 
 from __future__ import annotations
 
+import os
 import pickle
 import sqlite3
 import tempfile
@@ -68,21 +69,31 @@ def _merge(ranked: Sequence[Candidate]) -> dict[str, Any]:
 
 
 class Ledger:
-    """Who holds each key so far in this run."""
+    """Who holds each key so far in this run.
+
+    A small table (key, ``updated_at``, order, id, outcome) in a scratch SQLite file finds
+    holders by key; their records, needed only when a holder later loses, are appended to
+    a spill file beside it and read back by offset. Both go when the run ends.
+    """
 
     def __init__(self, policy: Policy, *, directory: Path | None = None) -> None:
         self.policy = policy
         self._dir = tempfile.TemporaryDirectory(prefix="custsync-run-", dir=directory)
-        self._db = sqlite3.connect(Path(self._dir.name) / "ledger.db")
+        folder = Path(self._dir.name)
+        self._db = sqlite3.connect(folder / "ledger.db")
         self._db.execute("PRAGMA journal_mode = OFF")
         self._db.execute("PRAGMA synchronous = OFF")
         self._db.execute(
-            "CREATE TABLE holder (key BLOB PRIMARY KEY, entry BLOB NOT NULL, row BLOB)"
+            "CREATE TABLE holder (key BLOB PRIMARY KEY, ts TEXT, seq INTEGER, source_id TEXT,"
+            " outcome TEXT, at INTEGER, size INTEGER, row BLOB) WITHOUT ROWID"
         )
+        self._spill = (folder / "records.jsonl").open("w+b")
+        self._end = 0
         self._seen = 0
 
     def close(self) -> None:
         self._db.close()
+        self._spill.close()
         self._dir.cleanup()
 
     def __enter__(self) -> Ledger:
@@ -105,17 +116,18 @@ class Ledger:
             chunk = chunks[start : start + _CHUNK]
             marks = ",".join("?" * len(chunk))
             rows = self._db.execute(
-                f"SELECT key, entry, row FROM holder WHERE key IN ({marks})", chunk
+                "SELECT key, ts, seq, source_id, outcome, at, size, row FROM holder "
+                f"WHERE key IN ({marks})",
+                chunk,
             )
-            for encoded_key, entry, row in rows:
-                ts, seq, source_id, outcome, record = orjson.loads(entry)
+            for encoded_key, ts, seq, source_id, outcome, at, size, row in rows:
                 key = encoded[encoded_key]
                 found[key] = Candidate(
                     key,
                     datetime.fromisoformat(ts) if ts else None,
                     seq,
                     source_id,
-                    record,
+                    orjson.loads(os.pread(self._spill.fileno(), size, at)),
                     pickle.loads(row) if row is not None else {},
                     outcome,
                 )
@@ -170,32 +182,36 @@ class Ledger:
         if not holders:
             return
         self._seen += len(holders)
-        # Rows are kept only where a later record may merge into them; records lose their
-        # top-level secrets before they touch the scratch file.
+        # Records lose their top-level secrets before they touch the scratch files; rows
+        # are kept only where a later record may merge into them.
+        records = [orjson.dumps(_scrub(c.record), default=str) for c in holders]
+        self._spill.seek(self._end)
+        self._spill.write(b"".join(records))
+        self._spill.flush()
         keep_rows = self.policy == "merge"
+        entries = []
+        at = self._end
+        for candidate, record in zip(holders, records, strict=True):
+            entries.append(
+                (
+                    self._key(candidate.key),
+                    candidate.ts.isoformat() if candidate.ts else None,
+                    candidate.seq,
+                    candidate.source_id,
+                    candidate.outcome,
+                    at,
+                    len(record),
+                    pickle.dumps(candidate.row, protocol=pickle.HIGHEST_PROTOCOL)
+                    if keep_rows
+                    else None,
+                )
+            )
+            at += len(record)
+        self._end = at
         # One transaction a batch: in autocommit every row would be its own transaction.
         with self._db:
             self._db.executemany(
-                "INSERT OR REPLACE INTO holder (key, entry, row) VALUES (?, ?, ?)",
-                [
-                    (
-                        self._key(c.key),
-                        orjson.dumps(
-                            [
-                                c.ts.isoformat() if c.ts else None,
-                                c.seq,
-                                c.source_id,
-                                c.outcome,
-                                _scrub(c.record),
-                            ],
-                            default=str,
-                        ),
-                        pickle.dumps(c.row, protocol=pickle.HIGHEST_PROTOCOL)
-                        if keep_rows
-                        else None,
-                    )
-                    for c in holders
-                ],
+                "INSERT OR REPLACE INTO holder VALUES (?, ?, ?, ?, ?, ?, ?, ?)", entries
             )
 
 

@@ -294,6 +294,14 @@ class _Run:
         since, cursor = self._lower_bound(state.watermark, state.cursor)
         result.watermark = state.watermark
         if not self.dry_run:
+            abandoned = store.close_abandoned_runs(self.config.name)
+            if abandoned:
+                log.warning(
+                    "%d earlier run(s) of %s never finished (killed?); the target "
+                    "is brought up to date by this run",
+                    abandoned,
+                    self.config.name,
+                )
             store.start_run(
                 self.config.name,
                 run_id=self.run_id,

@@ -356,6 +356,23 @@ class StateStore:
         if found == 0:
             raise StateError(f"state store {self._display}: no run {run_id!r} was started")
 
+    def close_abandoned_runs(self, job: str) -> int:
+        """Mark the job's runs still "running" as failed: call it holding the job's lock,
+        when no other run can be alive (a ``kill -9`` never got to ``finish_run``)."""
+        _check_job(job)
+        values = {
+            "ended_at": self._now(),
+            "status": "failed",
+            "error": "the run ended without finishing (the process was killed or crashed)",
+        }
+        with self._failures(f"close abandoned runs of job {job!r}"), self._engine.begin() as conn:
+            result = conn.execute(
+                sa.update(_runs)
+                .where(_runs.c.job == job, _runs.c.status == "running", _runs.c.dry_run.is_(False))
+                .values(values)
+            )
+            return int(result.rowcount or 0)
+
     def runs(self, job: str, *, limit: int = 10) -> list[RunRecord]:
         """The job's latest runs, newest first."""
         query = (

@@ -389,3 +389,15 @@ def test_lock_held_by_a_child_killed_with_sigkill_is_free_afterwards(
             child.wait()
         if child.stdout is not None:
             child.stdout.close()
+
+
+def test_runs_left_running_by_a_killed_process_are_closed_as_failed(tmp_path: Path) -> None:
+    with StateStore(f"sqlite:///{tmp_path / 's.db'}") as store:
+        store.start_run("job", run_id="r1", dry_run=False, watermark_before=None)
+
+        closed = store.close_abandoned_runs("job")
+
+        [run] = store.runs("job")
+        assert closed == 1
+        assert run.status == "failed"
+        assert "killed" in (run.error or "")
