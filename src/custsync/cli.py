@@ -46,9 +46,23 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+_JSON_LOGS = False
+
+
+def _say_error(text: str) -> None:
+    """An error the CLI reports itself: a plain line for people, a JSON log line when
+    CUSTSYNC_LOG_FORMAT=json (schedulers parse standard error then)."""
+    if _JSON_LOGS:
+        log.error("%s", text)
+    else:
+        sys.stderr.write(f"custsync: {text}\n")
+
+
 def setup_logging(verbosity: int, env: Mapping[str, str]) -> None:
+    global _JSON_LOGS
     handler = logging.StreamHandler(sys.stderr)
-    if env.get("CUSTSYNC_LOG_FORMAT", "").lower() == "json":
+    _JSON_LOGS = env.get("CUSTSYNC_LOG_FORMAT", "").lower() == "json"
+    if _JSON_LOGS:
         handler.setFormatter(_JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
@@ -166,13 +180,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if command == "mappings":
             return _mappings()
     except ConfigError as exc:
-        sys.stderr.write(f"custsync: {exc}\n")
+        _say_error(str(exc))
         return EXIT_USAGE
     except LockedError as exc:
-        sys.stderr.write(f"custsync: {exc}\n")
+        _say_error(str(exc))
         return EXIT_LOCKED
     except CustsyncError as exc:
-        sys.stderr.write(f"custsync: {exc}\n")
+        _say_error(str(exc))
         return EXIT_FAILED
     return EXIT_USAGE
 
@@ -184,7 +198,7 @@ def _sync(args: argparse.Namespace) -> int:
     try:
         job = Job.from_file(args.job)
     except ConfigError as exc:
-        sys.stderr.write(f"custsync: {exc}\n")
+        _say_error(str(exc))
         if args.json:
             print(json.dumps(_empty_summary(args.job.stem, "config_error")))
         return EXIT_USAGE

@@ -10,6 +10,7 @@ ends with the target a clean run would have left.
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 import time
 import uuid
@@ -316,7 +317,7 @@ class _Run:
             source = _ReplaySource(self.replay) if self.replay else self.job.make_source()
             target = self.job.make_target()
             self.notes += target.prepare(self.schema, create=not self.dry_run)
-            with Ledger(self.config.sync.duplicates) as ledger:
+            with Ledger(self.config.sync.duplicates, directory=self._scratch()) as ledger:
                 batches = source.read(
                     since=since, cursor=cursor, batch_size=self.config.sync.batch_size
                 )
@@ -377,6 +378,20 @@ class _Run:
                 watermark_after=watermark,
                 error=error,
             )
+
+    def _scratch(self) -> Path | None:
+        """A folder for the run's scratch files beside the job's state, so that what a
+        killed run left behind is found and removed by the next run (which holds the lock,
+        so no run of the job is alive). None: the system's temporary folder."""
+        folder = self.config.base_dir / ".custsync" / "tmp" / self.config.name
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            return None
+        if not self.dry_run:
+            for leftover in folder.iterdir():
+                shutil.rmtree(leftover, ignore_errors=True)
+        return folder
 
     def _lower_bound(
         self, watermark: datetime | None, cursor: Mapping[str, Any] | None

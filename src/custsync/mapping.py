@@ -23,7 +23,7 @@ from pydantic import BaseModel, SecretStr
 
 from custsync import presets
 from custsync.errors import ConfigError, FieldError
-from custsync.model import RELATIONSHIPS, TO_MANY, Customer
+from custsync.model import RELATIONSHIPS, SECRET_KEYS, TO_MANY, Customer
 from custsync.targets.base import FieldType
 
 FIELD_TYPES: tuple[str, ...] = get_args(FieldType)
@@ -75,8 +75,16 @@ _FALSE = frozenset({"false", "f", "no", "n", "0", "off"})
 
 
 def _to_jsonable(value: Any) -> Any:
+    """A JSON value for a target row; secret-named keys at any depth are left out (a legacy
+    export's metadata may carry a password hash)."""
     if isinstance(value, BaseModel):
-        return value.model_dump(mode="json", exclude_none=True)
+        value = value.model_dump(mode="json", exclude_none=True)
+    if isinstance(value, dict):
+        return {
+            k: _to_jsonable(v)
+            for k, v in value.items()
+            if not (isinstance(k, str) and k.lower() in SECRET_KEYS)
+        }
     if isinstance(value, list | tuple):
         return [_to_jsonable(v) for v in value]
     if isinstance(value, datetime):
@@ -304,9 +312,10 @@ def _check_customer_path(path: str, *, where: str, source: str | None) -> FieldT
     if not path or any(not part for part in path.split(".")):
         raise ConfigError(f"{path!r} is not a valid path", source=source, key=where)
     root = path.split(".", 1)[0]
-    if root == "password":
+    secret = next((part for part in path.split(".") if part.lower() in SECRET_KEYS), None)
+    if secret is not None:
         raise ConfigError(
-            "password is a secret: it is never copied into a target row", source=source, key=where
+            f"{secret} is a secret: it is never copied into a target row", source=source, key=where
         )
     if root in TO_MANY and "." in path and not path.split(".")[1].lstrip("-").isdigit():
         raise ConfigError(

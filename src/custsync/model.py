@@ -9,6 +9,7 @@ validates that dict. Fields the model does not know are kept (Commerce Layer add
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
@@ -302,11 +303,30 @@ def _set_path(target: dict[str, Any], parts: list[str], value: Any) -> None:
     target[parts[-1]] = value
 
 
+_SECRET_NAMES = "|".join(sorted(SECRET_KEYS, key=len, reverse=True))
+# A secret inside text that could not be parsed: "password": "x", password=x, password: x.
+_SECRET_IN_TEXT = re.compile(
+    rf"""(["']?(?:{_SECRET_NAMES})["']?\s*[:=]\s*)("(?:[^"\\]|\\.)*"|'[^']*'|[^,;}}\s]+)""",
+    re.IGNORECASE,
+)
+
+
+def redact_text(text: str) -> str:
+    """Mask what looks like a secret's value in unparsed text (a malformed input line)."""
+    return _SECRET_IN_TEXT.sub(lambda m: f'{m.group(1)}"{REDACTED}"', text)
+
+
 def redact(value: Any) -> Any:
     """A deep copy of a record with every secret-named key masked (rejects, logs)."""
     if isinstance(value, dict):
         return {
-            k: (REDACTED if k.lower() in SECRET_KEYS and v not in (None, "") else redact(v))
+            k: (
+                REDACTED
+                if k.lower() in SECRET_KEYS and v not in (None, "")
+                else redact_text(v)
+                if k == "_raw" and isinstance(v, str)
+                else redact(v)
+            )
             for k, v in value.items()
         }
     if isinstance(value, list):

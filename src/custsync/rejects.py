@@ -83,13 +83,19 @@ class RejectsWriter:
 
 
 def read_rejects(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """The lines of a rejects file, for ``--from-rejects``: (line number, parsed line)."""
+    """The lines of a rejects file, for ``--from-rejects``: (line number, parsed line).
+
+    Only what the file held when the read began is read: a replay of a job's own rejects
+    file appends to it while it reads, and must not read its own new lines."""
     try:
         handle = path.open("rb")
+        end = os.fstat(handle.fileno()).st_size
     except OSError as exc:
         raise SourceError(f"cannot open rejects file {path}: {exc.strerror}") from exc
     with handle:
         for number, line in enumerate(handle, start=1):
+            if handle.tell() - len(line) >= end:
+                break  # a line this run appended
             if not line.strip():
                 continue
             try:

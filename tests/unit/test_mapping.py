@@ -280,3 +280,18 @@ def test_values_not_in_a_map_pass_through(value: str, table: dict[str, str]) -> 
         assert got == (table[value] if table[value] != "" else None)
     else:
         assert got == value
+
+
+def test_secret_keys_inside_json_values_are_left_out_of_rows() -> None:
+    mapping = outbound(md="metadata")
+
+    record = customer(metadata={"tier": "gold", "legacy": {"password_hash": "h", "rp_token": "t"}})
+
+    assert one(mapping, record)["md"] == {"tier": "gold", "legacy": {}}
+
+
+def test_a_path_to_a_secret_is_a_configuration_error() -> None:
+    with pytest.raises(ConfigError) as error:
+        compile_mapping({"h": "metadata.password_hash"}, direction="outbound")
+
+    assert "secret" in str(error.value)

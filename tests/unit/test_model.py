@@ -184,3 +184,13 @@ def test_parse_timestamp_reads_z_and_offsets_as_utc() -> None:
     assert parse_timestamp("2026-01-02T12:30:00+02:00") == datetime(2026, 1, 2, 10, 30, tzinfo=UTC)
     assert parse_timestamp("not a time") is None
     assert parse_timestamp(None) is None
+
+
+def test_redact_masks_secrets_inside_unparsed_text() -> None:
+    raw = '{"email": "a@b.co", "password": "hunter2-secret", "metadata": {"token": 12345'
+
+    masked = redact({"_raw": raw})["_raw"]
+
+    assert "hunter2-secret" not in masked
+    assert "12345" not in masked
+    assert '"email": "a@b.co"' in masked

@@ -26,7 +26,7 @@ import orjson
 from pydantic import Field, field_validator
 
 from custsync.errors import ConfigError, SourceError
-from custsync.model import from_flat, iter_records
+from custsync.model import REDACTED, SECRET_KEYS, from_flat, iter_records
 from custsync.sources.base import RawRecord, SourceBatch, SourceSettings
 
 Format = Literal["csv", "json", "jsonl", "parquet"]
@@ -380,7 +380,8 @@ class FileSource:
                 row = _csv_row(header, cells)
                 if row is None:
                     reason = f"the row has {len(cells)} cells, the header {len(header)}"
-                    yield _bad(tap.take(), origin, reason)
+                    tap.take()
+                    yield _bad(_masked_row(header, cells, delimiter), origin, reason)
                     continue
                 tap.take()
                 yield RawRecord(data=row if self._raw_rows else from_flat(row), origin=origin)
@@ -554,6 +555,17 @@ def _first_significant(text: IO[str]) -> str:
         if stripped:
             return stripped[0]
     return ""
+
+
+def _masked_row(header: list[str], cells: list[str], delimiter: str) -> str:
+    """The row's text with the cells under secret-named headers masked."""
+    masked = [
+        REDACTED if i < len(header) and header[i].lower() in SECRET_KEYS and cell else cell
+        for i, cell in enumerate(cells)
+    ]
+    out = io.StringIO()
+    csv.writer(out, delimiter=delimiter, lineterminator="").writerow(masked)
+    return out.getvalue()
 
 
 def _bad(raw: str, origin: str, reason: str) -> RawRecord:

@@ -1,0 +1,128 @@
+"""Validation alone: customers/s through ``custsync.model.validate_batch`` in batches of
+1,000 on one core, beside issue 4's goal of 200,000/s.
+
+    .venv/bin/python bench/validate.py [--records 50000] [--rounds 5] [--json]
+
+Records are generated in memory, shaped as the file source hands them to validation (a
+list document's resources, normalised by ``iter_records``). A second figure adds JSON
+parsing and normalising, for context. Each round times every record once; the median
+round is reported, with the spread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Any
+
+import orjson
+
+from custsync import _fake
+from custsync.model import iter_records, validate_batch
+
+GOAL_PER_S = 200_000
+PAGE = 25  # records per API list document, as the API pages them
+
+
+def _documents(n: int, seed: int) -> list[bytes]:
+    groups = _fake.customer_groups(seed=seed)
+    customers = list(_fake.make_customers(n, seed=seed))
+    documents = []
+    for start in range(0, n, PAGE):
+        page = customers[start : start + PAGE]
+        documents.append(orjson.dumps({"data": page, "included": groups}))
+    return documents
+
+
+def _round_validate(records: list[dict[str, Any]], batch: int) -> float:
+    started = time.perf_counter()
+    for start in range(0, len(records), batch):
+        results = validate_batch(records[start : start + batch])
+        if len(results) != len(records[start : start + batch]):
+            raise RuntimeError("validate_batch returned the wrong number of results")
+    return time.perf_counter() - started
+
+
+def _round_parse_validate(documents: list[bytes], batch: int) -> float:
+    started = time.perf_counter()
+    pending: list[dict[str, Any]] = []
+    for document in documents:
+        pending.extend(iter_records(orjson.loads(document)))
+        if len(pending) >= batch:
+            validate_batch(pending)
+            pending = []
+    if pending:
+        validate_batch(pending)
+    return time.perf_counter() - started
+
+
+def measure(records_n: int, rounds: int, batch: int, seed: int) -> dict[str, Any]:
+    documents = _documents(records_n, seed)
+    records = [record for document in documents for record in iter_records(orjson.loads(document))]
+    invalid = sum(1 for result in validate_batch(records[:batch]) if isinstance(result, list))
+    if invalid:
+        raise RuntimeError(f"{invalid} generated records failed validation")
+    _round_validate(records[: batch * 5], batch)  # warm-up: pydantic's first calls are slower
+
+    gc.collect()
+    validate_times = [_round_validate(records, batch) for _ in range(rounds)]
+    parse_times = [_round_parse_validate(documents, batch) for _ in range(rounds)]
+
+    def rate(times: list[float]) -> dict[str, float]:
+        rates = [len(records) / t for t in times]
+        return {
+            "median_per_s": statistics.median(rates),
+            "min_per_s": min(rates),
+            "max_per_s": max(rates),
+        }
+
+    return {
+        "records": len(records),
+        "batch": batch,
+        "rounds": rounds,
+        "validate": rate(validate_times),
+        "parse_normalise_validate": rate(parse_times),
+        "goal_per_s": GOAL_PER_S,
+        "met": statistics.median(len(records) / t for t in validate_times) >= GOAL_PER_S,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--records", type=int, default=50_000)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--cpu", type=int, default=None, help="core to pin to (default: last)")
+    parser.add_argument("--json", action="store_true", help="print one JSON line only")
+    args = parser.parse_args(argv)
+    if not (1 <= args.rounds <= 100 and args.records >= args.batch >= 1):
+        parser.error("need 1 <= rounds <= 100 and records >= batch >= 1")
+
+    cores = sorted(os.sched_getaffinity(0))
+    cpu = args.cpu if args.cpu is not None else cores[-1]
+    os.sched_setaffinity(0, {cpu})  # one core, as the goal states
+    result = measure(args.records, args.rounds, args.batch, args.seed)
+    result["cpu"] = cpu
+
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    v, p = result["validate"], result["parse_normalise_validate"]
+    print(f"validation on one core (cpu {cpu}), {result['records']:,} records, batches of "
+          f"{args.batch:,}, {args.rounds} rounds")
+    print(f"  validate_batch:              {v['median_per_s']:>10,.0f} customers/s "
+          f"({v['min_per_s']:,.0f}-{v['max_per_s']:,.0f})   goal {GOAL_PER_S:,}/s: "
+          f"{'met' if result['met'] else 'NOT met'}")
+    print(f"  parse + normalise + validate: {p['median_per_s']:>9,.0f} customers/s "
+          f"({p['min_per_s']:,.0f}-{p['max_per_s']:,.0f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
