@@ -33,7 +33,7 @@ from custsync.errors import (
     LockedError,
 )
 from custsync.mapping import RecordFailure, is_empty
-from custsync.model import Customer, normalize, parse_timestamp, validate_batch
+from custsync.model import normalize, parse_timestamp, validate_records
 from custsync.rejects import Reject, RejectsWriter, read_rejects
 from custsync.sources.base import Checkpoint, RawRecord, Source, SourceBatch
 from custsync.state import StateStore
@@ -465,14 +465,15 @@ class _Run:
         # Validation, environment, outbound mapping, keys.
         environment = self.config.source.environment
         candidates: list[Candidate] = []
-        validated = validate_batch([data for _, data in live])
+        validated = validate_records([data for _, data in live])
         mapping, key_columns = self.config.mapping, self.schema.key
         for (raw, data), customer in zip(live, validated, strict=True):
             source_id = _source_id(data, raw.origin)
-            if not isinstance(customer, Customer):
+            if isinstance(customer, list):
                 reject("validate", source_id, customer, data)
                 continue
-            mode = customer.mode
+            meta = customer.get("meta")
+            mode = meta.get("mode") if meta else None
             if environment is not None and mode is not None and mode != environment:
                 reject(
                     "validate",
@@ -515,7 +516,7 @@ class _Run:
             candidates.append(
                 Candidate(
                     tuple(row[c] for c in key_columns),
-                    customer.updated_at,
+                    customer.get("updated_at"),
                     self.seq,
                     source_id,
                     data,

@@ -505,11 +505,12 @@ def _transforms(spec: Any, *, source: str | None, where: str) -> tuple[Callable[
 def _source_getter(path: str, direction: Direction, source: str | None, where: str) -> Getter:
     if direction == "outbound":
         _check_customer_path(path, where=where, source=source)
-        if path == "meta.mode":
-            return lambda customer: customer.meta.mode if customer.meta is not None else None
         root, _, rest = path.partition(".")
         if not rest and root in Customer.model_fields:
-            return operator.attrgetter(root)  # a Customer attribute: the hot, simple case
+            # A Customer field: the hot, simple case. The engine maps validated dicts;
+            # a Customer model works too.
+            attribute = operator.attrgetter(root)
+            return lambda r: r.get(root) if type(r) is dict else attribute(r)
         return _compile_path(path)
     return _column_getter(path)
 

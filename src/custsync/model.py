@@ -12,7 +12,7 @@ import contextlib
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Required, cast
 
 import orjson
 from pydantic import (
@@ -24,7 +24,9 @@ from pydantic import (
     StringConstraints,
     TypeAdapter,
     ValidationError,
+    with_config,
 )
+from typing_extensions import TypedDict
 
 from custsync.errors import FieldError
 
@@ -140,6 +142,82 @@ class Customer(BaseModel):
 
 CUSTOMER_FIELDS = frozenset(Customer.model_fields) | {"links.self", "meta.mode"}
 _batch_adapter: TypeAdapter[list[Customer]] = TypeAdapter(list[Customer])
+
+
+# The same schema as plain dicts, for the engine's hot path: pydantic validates into dicts
+# well over half again as fast as into models, and the mapping reads dicts as easily. A
+# unit test holds the two definitions to the same fields and the same verdicts.
+@with_config(ConfigDict(extra="allow"))
+class RelatedRecord(TypedDict, total=False):
+    id: str | None
+    type: str | None
+
+
+@with_config(ConfigDict(extra="allow"))
+class LinksRecord(TypedDict, total=False):
+    self: str | None
+
+
+@with_config(ConfigDict(extra="allow"))
+class MetaRecord(TypedDict, total=False):
+    mode: Mode | None
+
+
+@with_config(ConfigDict(extra="allow", hide_input_in_errors=True))
+class CustomerRecord(TypedDict, total=False):
+    id: str | None
+    type: Literal["customers"]
+    email: Required[Email]
+    password: SecretStr | None
+    status: Status | None
+    has_password: bool | None
+    total_orders_count: int | None
+    shopper_reference: str | None
+    profile_id: str | None
+    tax_exemption_code: str | None
+    anonymization_status: str | None
+    anonymization_info: dict[str, Any] | None
+    created_at: AwareDatetime | None
+    updated_at: AwareDatetime | None
+    reference: str | None
+    reference_origin: str | None
+    metadata: dict[str, Any] | None
+    customer_group: RelatedRecord | None
+    customer_addresses: list[RelatedRecord] | None
+    customer_payment_sources: list[RelatedRecord] | None
+    customer_subscriptions: list[RelatedRecord] | None
+    orders: list[RelatedRecord] | None
+    order_subscriptions: list[RelatedRecord] | None
+    returns: list[RelatedRecord] | None
+    sku_lists: list[RelatedRecord] | None
+    attachments: list[RelatedRecord] | None
+    events: list[RelatedRecord] | None
+    tags: list[RelatedRecord] | None
+    links: LinksRecord | None
+    meta: MetaRecord | None
+
+
+_record_adapter: TypeAdapter[list[CustomerRecord]] = TypeAdapter(list[CustomerRecord])
+_one_record: TypeAdapter[CustomerRecord] = TypeAdapter(CustomerRecord)
+
+
+def validate_records(
+    records: Sequence[Mapping[str, Any]],
+) -> list[dict[str, Any] | list[FieldError]]:
+    """``validate_batch`` into plain dicts (the engine's form of a validated Customer)."""
+    try:
+        return cast(
+            list[dict[str, Any] | list[FieldError]], _record_adapter.validate_python(records)
+        )
+    except ValidationError:
+        pass
+    results: list[dict[str, Any] | list[FieldError]] = []
+    for record in records:
+        try:
+            results.append(cast(dict[str, Any], _one_record.validate_python(record)))
+        except ValidationError as exc:
+            results.append(field_errors(exc))
+    return results
 
 
 def validate_batch(

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import textwrap
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -338,8 +338,3 @@ def sqlite_db(folder: Path, table: str = "customers", file_name: str = "target.d
 
 def server_db(url: str, table: str) -> Db:
     return Db(url, url, table)
-
-
-def all_contain(haystacks: Iterable[str], needle: str) -> list[str]:
-    """The haystacks that contain the needle (for secrets: must be none)."""
-    return [h for h in haystacks if needle in h]

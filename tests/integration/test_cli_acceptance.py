@@ -776,11 +776,6 @@ def test_replaying_a_fixed_reject_inserts_it_and_keeps_the_watermark(
     assert parse_ts(replay["watermark"]) == at(3)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: --from-rejects on the job's own rejects file re-reads the rejects it appends "
-    "and never ends",
-)
 def test_replaying_the_jobs_own_rejects_file_with_a_still_bad_record_ends(
     sqlite: Db, job_dir: Path
 ) -> None:
@@ -848,10 +843,6 @@ def test_customer_password_never_reaches_output_logs_rejects_report_or_table(
         assert PASSWORD not in text, f"the password leaked into {where}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: an unparseable line goes to the rejects file as raw text, password and all",
-)
 def test_password_in_an_unparseable_line_is_not_written_to_the_rejects_file(
     sqlite: Db, job_dir: Path
 ) -> None:
@@ -869,11 +860,6 @@ def test_password_in_an_unparseable_line_is_not_written_to_the_rejects_file(
     assert PASSWORD not in json.dumps(line)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: secret-named keys inside metadata (password_hash, token) are copied into "
-    "target rows",
-)
 def test_password_hash_kept_in_metadata_never_reaches_the_table(sqlite: Db, job_dir: Path) -> None:
     write_pages(
         job_dir / "customers.jsonl",
@@ -938,11 +924,6 @@ def test_json_log_format_makes_stderr_json_lines(sqlite: Db, job_dir: Path) -> N
         assert {"ts", "level", "message"} <= set(entry), line
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: errors the CLI reports itself (bad job file, lock held) are plain text even "
-    "with CUSTSYNC_LOG_FORMAT=json",
-)
 def test_json_log_format_holds_when_the_job_file_is_bad(job_dir: Path) -> None:
     (job_dir / "job.toml").write_text('[source]\nconnector = "file"\n', encoding="utf-8")
 

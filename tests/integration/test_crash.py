@@ -265,11 +265,6 @@ def test_sigterm_commits_the_batch_in_flight_exits_1_interrupted_and_rerun_compl
     assert_same_table(db, clean)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a run killed with kill -9 leaves its scratch ledger (pickled customer "
-    "records) in the temp folder, and no later run removes it",
-)
 def test_no_scratch_data_of_a_killed_run_outlives_the_rerun(
     tmp_path: Path, customers_file: Path
 ) -> None:

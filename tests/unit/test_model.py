@@ -6,6 +6,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from custsync.model import (
     Customer,
@@ -194,3 +196,69 @@ def test_redact_masks_secrets_inside_unparsed_text() -> None:
     assert "hunter2-secret" not in masked
     assert "12345" not in masked
     assert '"email": "a@b.co"' in masked
+
+
+def test_the_record_schema_has_the_models_fields() -> None:
+    from custsync.model import CustomerRecord
+
+    assert set(CustomerRecord.__annotations__) == set(Customer.model_fields)
+
+
+_values = st.one_of(
+    st.none(),
+    st.text(max_size=12),
+    st.integers(-3, 3),
+    st.booleans(),
+    st.sampled_from(
+        [
+            "a@b.co",
+            " x@y.org ",
+            "prospect",
+            "repeat",
+            "2026-01-02T10:30:00.000Z",
+            "2026-01-02T10:30:00",
+            "live",
+            "test",
+        ]
+    ),
+)
+_records = st.dictionaries(
+    st.sampled_from(
+        [
+            "email",
+            "status",
+            "updated_at",
+            "total_orders_count",
+            "has_password",
+            "reference",
+            "metadata",
+            "meta",
+            "customer_group",
+            "orders",
+            "extra",
+        ]
+    ),
+    st.one_of(
+        _values,
+        st.dictionaries(st.sampled_from(["mode", "id", "name"]), _values, max_size=2),
+        st.lists(st.dictionaries(st.sampled_from(["id", "type"]), _values, max_size=2), max_size=2),
+    ),
+    max_size=6,
+)
+
+
+@given(_records)
+def test_the_record_schema_and_the_model_agree_on_every_record(record: dict[str, Any]) -> None:
+    from custsync.model import validate_records
+
+    [as_model] = validate_batch([record])
+    [as_dict] = validate_records([record])
+
+    assert isinstance(as_model, list) == isinstance(as_dict, list)
+    if isinstance(as_model, list):
+        assert {e.field for e in as_model} == {e.field for e in as_dict}  # type: ignore[union-attr]
+    else:
+        assert isinstance(as_dict, dict)
+        assert as_model.model_dump(exclude={"password"}, exclude_unset=True) == {
+            k: v for k, v in as_dict.items() if k != "password"
+        }
