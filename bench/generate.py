@@ -76,9 +76,7 @@ class _Tally:
             yield customer
 
 
-def _edited(
-    n: int, seed: int, after: datetime, changed: set[int]
-) -> Iterator[dict[str, Any]]:
+def _edited(n: int, seed: int, after: datetime, changed: set[int]) -> Iterator[dict[str, Any]]:
     """The same customers in the same order; those in ``changed`` edited after ``after``,
     one second apart, the way a day of back-office edits would stamp them."""
     rng = random.Random(f"bench-edits:{seed}")

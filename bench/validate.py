@@ -117,13 +117,19 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result))
         return 0
     v, p = result["validate"], result["parse_normalise_validate"]
-    print(f"validation on one core (cpu {cpu}), {result['records']:,} records, batches of "
-          f"{args.batch:,}, {args.rounds} rounds")
-    print(f"  validate_batch:              {v['median_per_s']:>10,.0f} customers/s "
-          f"({v['min_per_s']:,.0f}-{v['max_per_s']:,.0f})   goal {GOAL_PER_S:,}/s: "
-          f"{'met' if result['met'] else 'NOT met'}")
-    print(f"  parse + normalise + validate: {p['median_per_s']:>9,.0f} customers/s "
-          f"({p['min_per_s']:,.0f}-{p['max_per_s']:,.0f})")
+    print(
+        f"validation on one core (cpu {cpu}), {result['records']:,} records, batches of "
+        f"{args.batch:,}, {args.rounds} rounds"
+    )
+    print(
+        f"  validate_batch:              {v['median_per_s']:>10,.0f} customers/s "
+        f"({v['min_per_s']:,.0f}-{v['max_per_s']:,.0f})   goal {GOAL_PER_S:,}/s: "
+        f"{'met' if result['met'] else 'NOT met'}"
+    )
+    print(
+        f"  parse + normalise + validate: {p['median_per_s']:>9,.0f} customers/s "
+        f"({p['min_per_s']:,.0f}-{p['max_per_s']:,.0f})"
+    )
     return 0
 
 

@@ -26,8 +26,9 @@ from typing import Any
 os.environ.setdefault("RUNTIME__DLTHUB_TELEMETRY", "false")
 os.environ.setdefault("RUNTIME__LOG_LEVEL", "WARNING")
 
-import dlt  # noqa: E402 (after the environment above, which dlt reads on import)
-import orjson  # noqa: E402 (a dlt dependency)
+# dlt reads the environment above on import; orjson comes with dlt.
+import dlt
+import orjson
 
 BATCH = 1000  # rows per yielded list: dlt's recommended way to feed a resource
 
@@ -70,7 +71,10 @@ def build_resource(path: str, table: str, *, tie_dedup: bool) -> Any:
         max_table_nesting=0,
     )
     def customers(
-        updated_at: Any = dlt.sources.incremental("updated_at", primary_key=incremental_key),
+        # dlt reads the cursor from the default: its documented form.
+        updated_at: Any = dlt.sources.incremental(  # noqa: B008
+            "updated_at", primary_key=incremental_key
+        ),
     ) -> Iterator[list[dict[str, Any]]]:
         yield from flat_rows(path)
 

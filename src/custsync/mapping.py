@@ -157,8 +157,23 @@ def _coerce_boolean(value: Any) -> Any:
     raise _Fail("is not a boolean (true/false, yes/no, 1/0)")
 
 
+_SECRET_KEY_BYTES = re.compile(
+    rb'"(?:' + b"|".join(k.encode() for k in sorted(SECRET_KEYS)) + rb')"\s*:', re.IGNORECASE
+)
+
+
 def _coerce_json(value: Any) -> Any:
-    return _to_jsonable(value)
+    if not isinstance(value, dict | list):
+        return _to_jsonable(value)
+    # The common case in C: one round trip through orjson gives plain JSON types, and a
+    # scan of the bytes says whether a secret-named key needs the slow, filtering walk.
+    try:
+        blob = orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS | orjson.OPT_UTC_Z)
+    except TypeError:
+        return _to_jsonable(value)
+    if _SECRET_KEY_BYTES.search(blob):
+        return _to_jsonable(value)
+    return orjson.loads(blob)
 
 
 @dataclass(frozen=True, slots=True)
@@ -352,6 +367,9 @@ class CompiledField:
     compute: Callable[[Any], Any]
     paths: tuple[str, ...]  # the source paths it reads (for sparse reads, for `check`)
     is_guard_candidate: bool  # a plain `updated_at` path: the never-go-backwards guard
+    # For a field that is only path(s) and a default: (default, coerce), so the mapping
+    # can inline it into generated code. None for anything else.
+    plain: tuple[Any, Callable[[Any], Any]] | None = None
 
 
 def _compile_field(
@@ -463,11 +481,14 @@ def _compile_field(
             value = default
         return coerce(value)
 
+    plain = None
     if not transforms and value_map is None:
         compute = compute_plain
+        if paths and "template" not in spec and "const" not in spec:
+            plain = (default, coerce)
 
     guard = paths == ("updated_at",) and "const" not in spec and "template" not in spec
-    return CompiledField(name, column_type, compute, paths, guard)
+    return CompiledField(name, column_type, compute, paths, guard, plain)
 
 
 def _type_of_value(value: Any) -> FieldType:
@@ -597,8 +618,20 @@ class CompiledMapping:
     def column_types(self) -> dict[str, FieldType]:
         return {f.name: f.type for f in self.fields}
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_fast", _generate(self) if self.direction == "outbound" else None)
+
     def apply_one(self, record: Any) -> dict[str, Any]:
         """Map one record; raise ``RecordFailure`` naming every field that failed."""
+        fast = self._fast  # type: ignore[attr-defined]
+        if fast is not None and type(record) is dict:
+            try:
+                return fast(record)  # type: ignore[no-any-return]
+            except Exception:  # noqa: BLE001 - the field-by-field path says what failed
+                pass
+        return self._apply_slowly(record)
+
+    def _apply_slowly(self, record: Any) -> dict[str, Any]:
         out: dict[str, Any] = {}
         errors: list[FieldError] = []
         for compiled in self.fields:
@@ -624,6 +657,48 @@ class CompiledMapping:
             except RecordFailure as failure:
                 results.append(failure.errors)
         return results
+
+
+def _generate(mapping: CompiledMapping) -> Callable[[dict[str, Any]], dict[str, Any]] | None:
+    """One Python function computing every field of an outbound mapping from a validated
+    record (a dict): field-by-field closures cost a call and a loop step per field. Plain
+    fields are inlined; the rest call their compiled closure. Any exception sends the
+    record down the field-by-field path, which names the failing field."""
+    namespace: dict[str, Any] = {"E": {}}
+    lines = ["def fast(r):"]
+    names = []
+    for i, compiled in enumerate(mapping.fields):
+        names.append(f"{compiled.name!r}: v{i}")
+        inlinable = compiled.plain is not None and all(
+            not any(part.lstrip("-").isdigit() for part in path.split("."))
+            for path in compiled.paths
+        )
+        if not inlinable or compiled.plain is None:
+            namespace[f"f{i}"] = compiled.compute
+            lines.append(f"    v{i} = f{i}(r)")
+            continue
+        default, coerce = compiled.plain
+        namespace[f"d{i}"] = default
+        namespace[f"c{i}"] = coerce
+        for n, path in enumerate(compiled.paths):
+            parts = path.split(".")
+            expr = f"r.get({parts[0]!r})"
+            for part in parts[1:]:
+                expr = f"({expr} or E).get({part!r})"
+            if n == 0:
+                lines.append(f"    v{i} = {expr}")
+            else:
+                lines.append(f"    if v{i} is None or v{i} == '': v{i} = {expr}")
+        lines.append(f"    if v{i} is None or v{i} == '': v{i} = d{i}")
+        if compiled.type == "text":
+            lines.append(
+                f"    if v{i} is not None and v{i}.__class__ is not str: v{i} = c{i}(v{i})"
+            )
+        else:
+            lines.append(f"    v{i} = c{i}(v{i})")
+    lines.append(f"    return {{{', '.join(names)}}}")
+    exec("\n".join(lines), namespace)
+    return cast(Callable[[dict[str, Any]], dict[str, Any]], namespace["fast"])
 
 
 class RecordFailure(Exception):

@@ -6,7 +6,9 @@ It serves what /work/shared/commercelayer-api.md documents and refuses what it d
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import functools
 import gzip
 import hashlib
 import io
@@ -109,6 +111,14 @@ WRITABLE: Final = (
     "reference",
     "reference_origin",
     "metadata",
+)
+_TEXT_ATTRIBUTES: Final = (
+    "password",
+    "shopper_reference",
+    "profile_id",
+    "tax_exemption_code",
+    "reference",
+    "reference_origin",
 )
 # Update-only triggers: accepted on PATCH and ignored.
 TRIGGERS: Final = ("_add_tags", "_remove_tags", "_request_anonymization", "_cancel_anonymization")
@@ -478,7 +488,9 @@ def _contains(haystack: Any, needle: Any) -> bool:
     if isinstance(haystack, list):
         # A top-level array contains a primitive it holds, as in PostgreSQL.
         return any(not isinstance(item, dict | list) and item == needle for item in haystack)
-    return type(haystack) is type(needle) and bool(haystack == needle)
+    if isinstance(haystack, bool) or isinstance(needle, bool):
+        return haystack is needle
+    return bool(haystack == needle)
 
 
 def _is_blank(value: Any) -> bool:
@@ -528,14 +540,15 @@ def _compile_filter(key: str, raw: Any) -> _Predicate:
     if predicate in ("cont", "start", "end"):
         # ILIKE, as ransack's matchers are on PostgreSQL: case-insensitive.
         fragment = convert(raw).lower()
-        match = {
+        matchers: dict[str, Callable[[str], bool]] = {
             "cont": lambda text: fragment in text,
             "start": lambda text: text.startswith(fragment),
             "end": lambda text: text.endswith(fragment),
-        }[predicate]
-        return lambda customer: isinstance(
-            value := _raw_value(customer, attribute), str
-        ) and match(value.lower())
+        }
+        match = matchers[predicate]
+        return lambda customer: (
+            isinstance(value := _raw_value(customer, attribute), str) and match(value.lower())
+        )
 
     operand = convert(raw)
     # Strings compare by code point, i.e. the server's "C" collation: that is how id_gt
@@ -593,10 +606,8 @@ class _Server(ThreadingHTTPServer):
         with self.connections_lock:
             connections = list(self.connections)
         for connection in connections:
-            try:
+            with contextlib.suppress(OSError):  # already gone
                 connection.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass  # already gone
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -632,7 +643,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _read_body(self) -> bytes:
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            chunks = []
+            chunks: list[bytes] = []
             while True:
                 size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
                 if size == 0:
@@ -670,13 +681,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _drop(self) -> None:
         # An abrupt reset (RST, no response), as a crashed proxy or a cut link gives.
         self.close_connection = True
-        try:
-            self.connection.setsockopt(
-                socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
-            )
+        with contextlib.suppress(OSError):
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             self.connection.close()
-        except OSError:
-            pass
 
 
 # --- the fake --------------------------------------------------------------------------
@@ -864,6 +871,9 @@ class FakeCommerceLayer:
                 password = attributes.pop("password", None)
                 if password:
                     self.passwords[customer["id"]] = str(password)
+                if not self.customers and (customer.get("meta") or {}).get("organization_id"):
+                    # One organization: what the fake creates belongs to the seeded one.
+                    self.organization_id = str(customer["meta"]["organization_id"])
                 group_id = _group_id(customer)
                 if group_id is not None and group_id not in self.groups:
                     self.groups[group_id] = self._placeholder_group(group_id)
@@ -947,10 +957,9 @@ class FakeCommerceLayer:
             )
             self._outage_timer.daemon = True
             self._outage_timer.start()
-        if threading.current_thread() is not self._thread:
-            self._close_listener()
-        else:  # pragma: no cover - hooks never run on the accepting thread
-            raise RuntimeError("outage() cannot run on the server thread")
+        # Hooks run on connection threads, never on the accepting one, so this cannot
+        # wait for itself.
+        self._close_listener()
 
     def _end_outage(self) -> None:
         with self._lock:
@@ -1036,9 +1045,7 @@ class FakeCommerceLayer:
         if status == 429:
             limit, interval = RATE_LIMITS[self.mode]["read_burst"]
             headers = self._rate_headers(limit, interval * self.rate_limit_scale)
-        failure = _fail(
-            status, codes.get(status, "ERROR"), "injected by fail_next", title=None
-        )
+        failure = _fail(status, codes.get(status, "ERROR"), "injected by fail_next")
         failure.headers.update(headers)
         return self._failure_response(failure, path)
 
@@ -1218,7 +1225,10 @@ class FakeCommerceLayer:
             for part in scope.split()
         ):
             raise _fail(
-                400, "INVALID_SCOPE", f"The requested scope {scope!r} is invalid.", parameter="scope"
+                400,
+                "INVALID_SCOPE",
+                f"The requested scope {scope!r} is invalid.",
+                parameter="scope",
             )
         now = self.now()
         access_token = secrets.token_urlsafe(32)
@@ -1461,7 +1471,7 @@ class FakeCommerceLayer:
         # Without sort= the order is insertion order; ties keep it too (a stable sort), as
         # good a stand-in as any for "unspecified".
         for name, descending in reversed(sort):
-            records.sort(key=lambda c, name=name: _sort_key(c, name), reverse=descending)
+            records.sort(key=functools.partial(_sort_key, attribute=name), reverse=descending)
         record_count = len(records)
         page_count = -(-record_count // size)
         page = records[(number - 1) * size : number * size]
@@ -1578,7 +1588,7 @@ class FakeCommerceLayer:
         metadata = attributes.get("metadata")
         if metadata is not None and not isinstance(metadata, dict):
             problems.append(("metadata", "must be an object"))
-        for name in ("password", *WRITABLE[2:7]):
+        for name in _TEXT_ATTRIBUTES:
             value = attributes.get(name)
             if value is not None and not isinstance(value, str):
                 problems.append((name, "must be a string"))
@@ -1770,7 +1780,9 @@ class FakeCommerceLayer:
         )
         fmt = attributes.get("format", "json")
         if fmt not in ("json", "csv"):
-            raise _validation_failure([("format", "is not included in the list")], "/data/attributes")
+            raise _validation_failure(
+                [("format", "is not included in the list")], "/data/attributes"
+            )
         filters = attributes.get("filters") or {}
         if not isinstance(filters, dict):
             raise _validation_failure([("filters", "must be an object")], "/data/attributes")
@@ -1829,15 +1841,15 @@ class FakeCommerceLayer:
         return self._ok(201, self._render_export(export, issue_url=False))
 
     def _advance_export(self, export: Export) -> None:
-        if export.status in ("completed", "failed") and not (
-            export.failed and export.status != "failed"
-        ):
+        if export.status == "failed":
             return
         stamp = _iso(self.now())
         if export.failed:
             export.status = "failed"
             export.payload = b""
             export.updated_at = stamp
+            return
+        if export.status == "completed":
             return
         now = time.monotonic()
         if now >= export.starts and export.started_at is None:
@@ -1923,11 +1935,8 @@ class FakeCommerceLayer:
             self._grants[token] = _Grant(
                 export.id, signature, time.monotonic() + self.attachment_ttl
             )
-            attachment_url = (
-                f"{self.root_url}/attachments/{token}.{export.format}.gz?"
-                + urlencode(
-                    {"X-Amz-Expires": _interval_text(self.attachment_ttl), "X-Amz-Signature": signature}
-                )
+            attachment_url = f"{self.root_url}/attachments/{token}.{export.format}.gz?" + urlencode(
+                {"X-Amz-Expires": _interval_text(self.attachment_ttl), "X-Amz-Signature": signature}
             )
         return {
             "data": {
@@ -2028,7 +2037,9 @@ class FakeCommerceLayer:
             ),
         )
         if attributes.get("format", "json") != "json":
-            raise _validation_failure([("format", "is not included in the list")], "/data/attributes")
+            raise _validation_failure(
+                [("format", "is not included in the list")], "/data/attributes"
+            )
         if attributes.get("cleanup_records"):
             raise _validation_failure([("cleanup_records", "is not supported")], "/data/attributes")
         inputs = attributes.get("inputs")
@@ -2085,9 +2096,7 @@ class FakeCommerceLayer:
         job.status = "completed"
         job.completed_at = job.updated_at = stamp
 
-    def _import_one(
-        self, item: Any, stamp: str, emails: dict[str, str]
-    ) -> list[tuple[str, str]]:
+    def _import_one(self, item: Any, stamp: str, emails: dict[str, str]) -> list[tuple[str, str]]:
         if not isinstance(item, dict):
             return [("base", "is not an object")]
         allowed = {"id", "customer_group_id", *WRITABLE}
