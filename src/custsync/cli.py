@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import threading
+import tomllib
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -200,7 +201,7 @@ def _sync(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         _say_error(str(exc))
         if args.json:
-            print(json.dumps(_empty_summary(args.job.stem, "config_error")))
+            print(json.dumps(_empty_summary(_job_name(args.job), "config_error")))
         return EXIT_USAGE
     stop = threading.Event()
     restore = _install_stop_handlers(stop)
@@ -221,13 +222,23 @@ def _sync(args: argparse.Namespace) -> int:
         restore()
     if args.report is not None:
         _write_report(args.report, job, result)
-    if result.error:
+    if result.error and result.status != "failed":  # the engine logged failures already
         log.error("%s: %s", result.status, result.error)
     if args.json:
         print(json.dumps(result.as_dict()))
     else:
         print(_summary(job, result))
     return result.exit_code
+
+
+def _job_name(path: Path) -> str:
+    """The job's name for a summary even when the job file is invalid: its ``name`` key
+    when the TOML parses and has one, else the file's stem."""
+    try:
+        name = tomllib.loads(path.read_text(encoding="utf-8")).get("name")
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        name = None
+    return name if isinstance(name, str) and name else path.stem
 
 
 def _install_stop_handlers(stop: threading.Event) -> Any:

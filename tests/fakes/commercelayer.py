@@ -1,7 +1,7 @@
 """A strict fake of the Commerce Layer API: a real HTTP server on 127.0.0.1 for connector tests.
 
-It serves what /work/shared/commercelayer-api.md documents and refuses what it does not
-(oversized pages, unknown filters, missing headers), with faults and throttling on demand.
+It serves the contract in the team's commercelayer-api.md notes and refuses what they do
+not allow (oversized pages, unknown filters, missing headers); faults and throttling on demand.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import secrets
 import socket
 import socketserver
 import struct
+import sys
 import threading
 import time
 from collections import deque
@@ -602,6 +603,12 @@ class _Server(ThreadingHTTPServer):
             self.connections.discard(request)
         super().shutdown_request(request)
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # Clients that vanish mid-request are part of the game; anything else is a bug.
+        error = sys.exc_info()[1]
+        if error is not None and not isinstance(error, OSError):
+            self.fake.server_errors.append(error)
+
     def drop_connections(self) -> None:
         with self.connections_lock:
             connections = list(self.connections)
@@ -890,6 +897,8 @@ class FakeCommerceLayer:
     def update_customer(self, id: str, *, at: datetime | None = None, **attributes: Any) -> None:
         """Edit a customer as another system would; ``updated_at`` becomes ``at`` (default:
         the fake's clock). ``customer_group_id=`` moves it to another group (or none)."""
+        if at is not None and at.tzinfo is None:
+            raise ValueError("at must be timezone-aware")
         with self._lock:
             customer = self.customers[id]
             current = customer.setdefault("attributes", {})
