@@ -5,7 +5,6 @@ from __future__ import annotations
 import gzip
 import http.client
 import json
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -13,14 +12,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.message import Message
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
 import pytest
-
-# tests/ is not a package on the path: the fakes live beside the test folders.
-sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 from fakes.commercelayer import FakeCommerceLayer, Request
 
