@@ -35,7 +35,7 @@ from custsync.errors import (
 from custsync.mapping import RecordFailure, is_empty
 from custsync.model import normalize, parse_timestamp, validate_records
 from custsync.rejects import Reject, RejectsWriter, read_rejects
-from custsync.sources.base import Checkpoint, RawRecord, Source, SourceBatch
+from custsync.sources.base import Checkpoint, Projectable, RawRecord, Source, SourceBatch
 from custsync.state import StateStore
 from custsync.targets.base import Outcome, Previewable, RowResult, RowSchema, Target
 
@@ -315,6 +315,8 @@ class _Run:
         target: Target | None = None
         try:
             source = _ReplaySource(self.replay) if self.replay else self.job.make_source()
+            if isinstance(source, Projectable) and self.config.inbound is None:
+                source.project(self.config.mapping.source_paths())
             target = self.job.make_target()
             self.notes += target.prepare(self.schema, create=not self.dry_run)
             with Ledger(self.config.sync.duplicates, directory=self._scratch()) as ledger:

@@ -68,8 +68,21 @@ def _sql_target() -> Connector:
     )
 
 
+def _commercelayer_source() -> Connector:
+    from custsync.commercelayer.source import CommerceLayerSettings, CommerceLayerSource
+
+    return Connector(
+        "commercelayer",
+        "source",
+        CommerceLayerSettings,
+        CommerceLayerSource,
+        "The Commerce Layer API: incremental by updated_at, throttled, resumable",
+    )
+
+
 _BUILTINS: dict[tuple[Kind, str], Callable[[], Connector]] = {
     ("source", "file"): _file_source,
+    ("source", "commercelayer"): _commercelayer_source,
     ("target", "sql"): _sql_target,
 }
 _GROUPS: dict[Kind, str] = {"source": "custsync.sources", "target": "custsync.targets"}

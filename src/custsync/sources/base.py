@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -85,3 +85,11 @@ class SourceSettings(BaseModel):
     # (a preset assumes one locale; an export from another says so here).
     date_order: Literal["DMY", "MDY", "YMD"] | None = None
     timezone: str | None = None
+
+
+@runtime_checkable
+class Projectable(Protocol):
+    """A source that can read only what the mapping uses (sparse fieldsets, includes).
+    The engine calls ``project`` once, before ``read``, with the mapping's source paths."""
+
+    def project(self, paths: Collection[str]) -> None: ...

@@ -1,0 +1,1 @@
+"""Commerce Layer: the API client (auth, pacing, retries) and the connectors built on it."""
