@@ -80,7 +80,20 @@ def _commercelayer_source() -> Connector:
     )
 
 
+def _commercelayer_target() -> Connector:
+    from custsync.commercelayer.target import CommerceLayerTarget, CommerceLayerTargetSettings
+
+    return Connector(
+        "commercelayer",
+        "target",
+        CommerceLayerTargetSettings,
+        CommerceLayerTarget,
+        "Commerce Layer itself (migrations into it): upsert by email or reference",
+    )
+
+
 _BUILTINS: dict[tuple[Kind, str], Callable[[], Connector]] = {
+    ("target", "commercelayer"): _commercelayer_target,
     ("source", "file"): _file_source,
     ("source", "commercelayer"): _commercelayer_source,
     ("target", "sql"): _sql_target,

@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr
 
 from custsync.commercelayer.client import CommerceLayerClient, Kind, base_url_for
 from custsync.errors import ConfigError
@@ -32,29 +32,34 @@ PAGE_SIZE = 25  # the API's maximum: never ask for more
 INCLUDABLE = ("customer_group",)
 
 
-class CommerceLayerSettings(SourceSettings):
-    connector: Literal["commercelayer"] = "commercelayer"
+class ConnectionSettings(BaseModel):
+    """How to reach one organisation's API: shared by the source and the target."""
+
     organization: str | None = None
     base_url: str | None = None
     auth_url: str = "https://auth.commercelayer.io/oauth/token"
     client_id: str
     client_secret: SecretStr
     scope: str | None = None
-    # A full read of more than this many records goes through the Exports API (0 = never).
-    export_threshold: int = Field(default=10_000, ge=0)
-    export_size: int = Field(default=5_000, ge=1, le=10_000)
-    exports_in_flight: int = Field(default=3, ge=1, le=10)
     # The rate limits to pace to; default: learnt from the token or the records (test
     # limits until then). requests_per_minute / burst_per_10s override the table.
     mode: Literal["test", "live"] | None = None
     requests_per_minute: int | None = Field(default=None, ge=1)
     burst_per_10s: int | None = Field(default=None, ge=1)
-    page_size: int = Field(default=PAGE_SIZE, ge=1, le=PAGE_SIZE)
     timeout: float = Field(default=30.0, gt=0)
     max_retry_time: float = Field(default=120.0, ge=0)
 
 
-def make_client(settings: CommerceLayerSettings, **options: Any) -> CommerceLayerClient:
+class CommerceLayerSettings(SourceSettings, ConnectionSettings):
+    connector: Literal["commercelayer"] = "commercelayer"
+    # A full read of more than this many records goes through the Exports API (0 = never).
+    export_threshold: int = Field(default=10_000, ge=0)
+    export_size: int = Field(default=5_000, ge=1, le=10_000)
+    exports_in_flight: int = Field(default=3, ge=1, le=10)
+    page_size: int = Field(default=PAGE_SIZE, ge=1, le=PAGE_SIZE)
+
+
+def make_client(settings: ConnectionSettings, **options: Any) -> CommerceLayerClient:
     limits = None
     if settings.requests_per_minute or settings.burst_per_10s:
         per_minute = settings.requests_per_minute or 100
