@@ -130,6 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     reconcile = sub.add_parser("reconcile", help="find target rows whose customer is gone")
     reconcile.add_argument("job", type=Path)
+    reconcile.add_argument(
+        "--dry-run", action="store_true", help="report only, whatever on_deleted says"
+    )
+    reconcile.add_argument("--force", action="store_true", help="delete even a large share of rows")
+    reconcile.add_argument("--json", action="store_true")
 
     state = sub.add_parser("state", help="show or change a job's state")
     state_sub = state.add_subparsers(dest="state_command", required=True, parser_class=_Parser)
@@ -386,15 +391,30 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _reconcile(args: argparse.Namespace) -> int:
+    from custsync.reconcile import reconcile
+
     job = Job.from_file(args.job)
-    if job.config.source.connector != "commercelayer":
-        raise ConfigError(
-            "reconcile compares target rows with the customers that still exist in Commerce "
-            'Layer: it needs connector = "commercelayer" as the source',
-            source=str(args.job),
-            key="source.connector",
+    if args.dry_run:
+        result = reconcile(job, dry_run=True, force=args.force)
+    else:
+        with job.state_store() as store, store.lock(job.name):
+            result = reconcile(job, force=args.force)
+    if args.json:
+        print(json.dumps(result.as_dict()))
+        return EXIT_OK
+    print(
+        f"{job.name}: {result.source_ids:,} customers in the source, {result.target_rows:,} "
+        f"rows in the target, {result.missing:,} rows whose customer is gone"
+    )
+    if result.missing:
+        acted = result.action != "report" and not args.dry_run
+        verb = {"report": "reported", "flag": "flagged", "delete": "deleted"}[result.action]
+        print(
+            f"  {verb if acted else 'reported'} {result.acted if acted else result.missing:,} "
+            f"(on_deleted = {result.action}{', dry run' if args.dry_run else ''}); "
+            f"for example {', '.join(result.examples[:5])}"
         )
-    raise ConfigError("reconcile is not available in this version", source=str(args.job))
+    return EXIT_OK
 
 
 def _state(args: argparse.Namespace) -> int:

@@ -235,5 +235,29 @@ class CommerceLayerSource:
         # The whole window is read: the watermark moves to its end and the cursor clears.
         yield SourceBatch([], Checkpoint(end, None))
 
+    def ids(self) -> Iterator[str]:
+        return customer_ids(self)
+
     def close(self) -> None:
         self.client.close()
+
+
+def customer_ids(source: CommerceLayerSource) -> Iterator[str]:
+    """Every customer id the credentials can see, by keyset (``fields[customers]=id``),
+    for ``custsync reconcile``: deletions are invisible to an updated_at scan."""
+    last_id: str | None = None
+    while True:
+        params: dict[str, Any] = {
+            "sort": "id",
+            "page[size]": PAGE_SIZE,
+            "fields[customers]": "id",
+        }
+        if last_id is not None:
+            params["filter[q][id_gt]"] = last_id
+        document = source.client.get("/customers", params)
+        data = document.get("data") or []
+        for item in data:
+            yield str(item["id"])
+        if len(data) < PAGE_SIZE or not (document.get("links") or {}).get("next"):
+            return
+        last_id = str(data[-1]["id"])

@@ -93,3 +93,10 @@ class Projectable(Protocol):
     The engine calls ``project`` once, before ``read``, with the mapping's source paths."""
 
     def project(self, paths: Collection[str]) -> None: ...
+
+
+@runtime_checkable
+class Enumerable(Protocol):
+    """A source that can list the ids of every record it holds (``custsync reconcile``)."""
+
+    def ids(self) -> Iterator[str]: ...

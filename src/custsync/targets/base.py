@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -103,3 +103,19 @@ class TargetSettings(BaseModel):
         if self.key is None:
             return ()
         return (self.key,) if isinstance(self.key, str) else tuple(self.key)
+
+
+@runtime_checkable
+class Reconcilable(Protocol):
+    """A target that can list what it holds and act on rows whose source record is gone
+    (``custsync reconcile``)."""
+
+    def scan(self, column: str) -> Iterator[tuple[Key, Any]]:
+        """Every row's key and the value of ``column`` (the source's id), streamed."""
+        ...
+
+    def flag(self, keys: Sequence[Key], *, column: str) -> int:
+        """Stamp ``column`` (a timestamp, added when absent) on these rows; return how many."""
+        ...
+
+    def delete(self, keys: Sequence[Key]) -> int: ...

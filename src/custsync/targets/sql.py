@@ -11,7 +11,7 @@ savepoints and reported FAILED with the database's message; the rest commits.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -400,16 +400,22 @@ class SqlTarget:
             self._present = {c.name for c in schema.columns} - {c.name for c in added}
             return [f"would add column(s) {', '.join(c.name for c in added)} to {name}"]
         if added:
-            preparer = self.engine.dialect.identifier_preparer
-            table_sql = preparer.format_table(self._build_table(schema))
-            with self.engine.begin() as conn:
-                dialect = self.engine.dialect
-                for column in added:
-                    sa_type = _column_type(column, key=False).compile(dialect=dialect)
-                    quoted = preparer.quote(column.name)
-                    conn.exec_driver_sql(f"ALTER TABLE {table_sql} ADD COLUMN {quoted} {sa_type}")
+            self._add_columns(added)
             notes.append(f"added column(s) {', '.join(c.name for c in added)} to {name}")
         return notes
+
+    def _add_columns(self, columns: Sequence[ColumnSpec]) -> None:
+        """ALTER TABLE ... ADD COLUMN, nullable: columns are added, never dropped or retyped."""
+        dialect = self.engine.dialect
+        preparer = dialect.identifier_preparer
+        table_sql = preparer.format_table(
+            sa.Table(self.settings.table, sa.MetaData(), schema=self.settings.db_schema)
+        )
+        with self.engine.begin() as conn:
+            for column in columns:
+                sa_type = _column_type(column, key=False).compile(dialect=dialect)
+                quoted = preparer.quote(column.name)
+                conn.exec_driver_sql(f"ALTER TABLE {table_sql} ADD COLUMN {quoted} {sa_type}")
 
     def _has_unique(self, inspector: sa.Inspector, key: Sequence[str]) -> bool:
         name, db_schema = self.settings.table, self.settings.db_schema
@@ -599,6 +605,59 @@ class SqlTarget:
         failures = self._write_isolating(conn, schema, rows[:middle])
         failures.update(self._write_isolating(conn, schema, rows[middle:]))
         return failures
+
+    # --- reconciliation -------------------------------------------------------------
+
+    def scan(self, column: str) -> Iterator[tuple[Key, Any]]:
+        table, schema = self._ready()
+        if column not in table.c:
+            raise ConfigError(f"the table has no column {column!r}", key="mapping")
+        keys = [table.c[k] for k in schema.key]
+        query = sa.select(*keys, table.c[column]).execution_options(yield_per=5_000)
+        with self.engine.connect() as conn:
+            for row in conn.execute(query):
+                yield tuple(row[: len(keys)]), row[len(keys)]
+
+    def flag(self, keys: Sequence[Key], *, column: str) -> int:
+        _, schema = self._ready()
+        name, db_schema = self.settings.table, self.settings.db_schema
+        present = {c["name"] for c in sa.inspect(self.engine).get_columns(name, schema=db_schema)}
+        if column not in present:
+            self._add_columns([ColumnSpec(column, "timestamp")])
+        table = sa.Table(
+            name,
+            sa.MetaData(),
+            *[sa.Column(k, sa.String()) for k in schema.key],
+            sa.Column(column, UtcTimestamp()),
+            schema=db_schema,
+        )
+        now = datetime.now(UTC)
+        return self._by_keys(
+            keys, lambda cond: sa.update(table).where(cond).values({column: now}), schema, table
+        )
+
+    def delete(self, keys: Sequence[Key]) -> int:
+        table, schema = self._ready()
+        return self._by_keys(keys, lambda cond: sa.delete(table).where(cond), schema, table)
+
+    def _by_keys(
+        self,
+        keys: Sequence[Key],
+        statement: Callable[[Any], Any],
+        schema: RowSchema,
+        table: sa.Table,
+    ) -> int:
+        key_cols = [table.c[k] for k in schema.key]
+        changed = 0
+        with self.engine.begin() as conn:
+            for start in range(0, len(keys), _IN_CHUNK):
+                chunk = keys[start : start + _IN_CHUNK]
+                if len(key_cols) == 1:
+                    condition = key_cols[0].in_([k[0] for k in chunk])
+                else:
+                    condition = sa.tuple_(*key_cols).in_(chunk)
+                changed += conn.execute(statement(condition)).rowcount or 0
+        return changed
 
     def count(self) -> int:
         """How many rows the table holds (for summaries and tests)."""
