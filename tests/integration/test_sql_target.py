@@ -513,3 +513,26 @@ def test_a_postgresql_url_without_a_driver_uses_psycopg(pg_url: str) -> None:
         assert outcomes(target.write([row("a")])) == {("a",): Outcome.INSERTED}
     finally:
         db.close()
+
+
+def test_an_id_column_the_database_fills_is_reported_as_the_target_id(db: Db) -> None:
+    target = db.target(id_column="erp_no")
+    target.prepare(SCHEMA)
+
+    first = {r.key: r.target_id for r in target.write([row("a"), row("b")])}
+    again = {r.key: r.target_id for r in target.write([row("a", name="changed"), row("c")])}
+
+    assert first[("a",)] is not None
+    assert first[("b",)] is not None
+    assert first[("a",)] != first[("b",)]
+    assert again[("a",)] == first[("a",)]
+    assert again[("c",)] not in (None, first[("a",)], first[("b",)])
+
+
+def test_an_existing_table_without_the_id_column_is_a_configuration_error(db: Db) -> None:
+    table = db.prepared().settings.table
+
+    with pytest.raises(ConfigError) as error:
+        db.target(table, id_column="erp_no").prepare(SCHEMA)
+
+    assert error.value.key == "target.id_column"

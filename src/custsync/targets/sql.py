@@ -59,6 +59,10 @@ class SqlTargetSettings(TargetSettings):
     db_schema: str | None = Field(default=None, alias="schema")
     create_table: bool = True
     key_length: int = Field(default=255, ge=1, le=3072)
+    # A column the database fills (an identity, a sequence default, a trigger): each row's
+    # own id, reported as its target id (what [writeback] sends back to Commerce Layer).
+    # A table custsync creates gets it as an identity column.
+    id_column: str | None = None
 
 
 class UtcTimestamp(sa.types.TypeDecorator[datetime]):
@@ -360,8 +364,30 @@ class SqlTarget:
 
     def _create(self, schema: RowSchema) -> None:
         table = self._build_table(schema, for_create=True)
+        identity = self.settings.id_column
+        if identity is not None and identity not in table.c and self.dialect == "postgresql":
+            table.append_column(sa.Column(identity, sa.BigInteger(), sa.Identity(), nullable=False))
         with self.engine.begin() as conn:
             table.create(conn, checkfirst=True)
+            if identity is None or identity in {c.name for c in schema.columns}:
+                return
+            preparer = self.engine.dialect.identifier_preparer
+            name, column = preparer.format_table(table), preparer.quote(identity)
+            if self.dialect in ("mysql", "mariadb"):
+                conn.exec_driver_sql(
+                    f"ALTER TABLE {name} ADD COLUMN {column} BIGINT NOT NULL AUTO_INCREMENT UNIQUE"
+                )
+            elif self.dialect == "sqlite":
+                # SQLite numbers only an INTEGER PRIMARY KEY, and the key is ours: a
+                # trigger numbers new rows instead.
+                conn.exec_driver_sql(f"ALTER TABLE {name} ADD COLUMN {column} INTEGER")
+                trigger = preparer.quote(f"{self.settings.table}_{identity}_number")
+                conn.exec_driver_sql(
+                    f"CREATE TRIGGER {trigger} AFTER INSERT ON {name} WHEN NEW.{column} IS NULL "
+                    f"BEGIN UPDATE {name} SET {column} = "
+                    f"(SELECT IFNULL(MAX({column}), 0) + 1 FROM {name}) "
+                    f"WHERE rowid = NEW.rowid; END"
+                )
 
     def _check_and_evolve(
         self, inspector: sa.Inspector, schema: RowSchema, *, create: bool
@@ -373,6 +399,13 @@ class SqlTarget:
         if missing_keys:
             raise ConfigError(
                 f"table {name} has no key column {missing_keys[0]!r}", key="target.key"
+            )
+        identity = self.settings.id_column
+        if identity is not None and identity not in existing:
+            raise ConfigError(
+                f"table {name} has no column {identity!r} (id_column): an existing table "
+                "must already have the column its database fills",
+                key="target.id_column",
             )
         if not self._has_unique(inspector, schema.key):
             raise ConfigError(
@@ -514,6 +547,7 @@ class SqlTarget:
                 decided = self._classify(schema, rows, stored)
                 to_write = [row for (result, row) in decided if row is not None]
                 failures = self._write_isolating(conn, schema, to_write) if to_write else {}
+                ids = self._target_ids(conn, schema, rows) if self.settings.id_column else {}
         except SQLAlchemyError as exc:
             raise TargetError(
                 f"writing {len(rows)} rows to {self.settings.table} failed: {_db_message(exc)}"
@@ -523,8 +557,36 @@ class SqlTarget:
             message = failures.get(result.key)
             if message is not None:
                 result = RowResult(result.key, Outcome.FAILED, message)
+            elif result.key in ids:
+                result = RowResult(result.key, result.outcome, result.message, ids[result.key])
             results.append(result)
         return results
+
+    def _target_ids(
+        self, conn: Connection, schema: RowSchema, rows: Sequence[Row]
+    ) -> dict[Key, str]:
+        column = self.settings.id_column
+        assert column is not None
+        table = sa.Table(
+            self.settings.table,
+            sa.MetaData(),
+            *[sa.Column(k, sa.String()) for k in schema.key],
+            sa.Column(column),
+            schema=self.settings.db_schema,
+        )
+        key_cols = [table.c[k] for k in schema.key]
+        keys = [schema.key_of(r) for r in rows]
+        found: dict[Key, str] = {}
+        for start in range(0, len(keys), _IN_CHUNK):
+            chunk = keys[start : start + _IN_CHUNK]
+            if len(key_cols) == 1:
+                condition = key_cols[0].in_([k[0] for k in chunk])
+            else:
+                condition = sa.tuple_(*key_cols).in_(chunk)
+            for row in conn.execute(sa.select(*key_cols, table.c[column]).where(condition)):
+                if row[-1] is not None:
+                    found[tuple(row[:-1])] = str(row[-1])
+        return found
 
     def _stored(
         self,
