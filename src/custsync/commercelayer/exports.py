@@ -71,6 +71,7 @@ class _Range:
     attempts: int = 0
     done: bool = False  # seen completed (or empty): it no longer holds a slot
     empty: bool = False  # nothing left to export in it
+    payload: bytes | None = None  # the attachment, downloaded as soon as it was ready
 
     def __str__(self) -> str:
         return f"ids ({self.after or '-'} .. {self.upto or '-'}]"
@@ -126,12 +127,12 @@ class ExportBackfill:
             if not queue:
                 break
             head = queue[0]
-            payload = self._wait_and_download(head)
-            head.done = True
-            if not exhausted and sum(not r.done for r in queue) < self.in_flight:
-                continue  # a slot came free: start the next export before yielding
+            if head.payload is None:
+                head.payload = self._wait_and_download(head)
+                head.done = True
+                continue  # its slot is free: start the next export before yielding
             queue.popleft()
-            records = self._records(head, payload)
+            records = self._records(head, head.payload)
             cursor = {"window": window, "mode": "export", "last_boundary": head.upto}
             last = head.upto is None
             log.info("export %s: %d customers in %s", head.export_id, len(records), head)
@@ -292,7 +293,9 @@ class ExportBackfill:
         for index, item in enumerate(flat):
             if not isinstance(item, dict):
                 records.append(
-                    RawRecord({"_raw": orjson.dumps(item).decode()}, f"{origin}#{index}", "not an object")
+                    RawRecord(
+                        {"_raw": orjson.dumps(item).decode()}, f"{origin}#{index}", "not an object"
+                    )
                 )
                 continue
             records.append(RawRecord(self._customer(item), f"{origin}#{item.get('id') or index}"))
