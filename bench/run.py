@@ -46,6 +46,7 @@ DLT_PYTHON = BENCH / ".venv-dlt" / "bin" / "python"
 DLT_SCRIPT = BENCH / "competitors" / "dlt_pipeline.py"
 NAIVE_SCRIPT = BENCH / "competitors" / "naive.py"
 VALIDATE_SCRIPT = BENCH / "validate.py"
+MEASURE_SCRIPT = BENCH / "_measure.py"
 DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/test"
 
 TOOLS = ("custsync", "dlt", "naive")
@@ -90,28 +91,38 @@ class Measurement:
 def run_process(
     cmd: Sequence[str], *, cwd: Path, log_stem: Path, timeout: float, env: dict[str, str]
 ) -> tuple[float, float, int, str]:
-    """Run ``cmd`` to its end; return wall seconds, its peak RSS in MB (``ru_maxrss`` of
-    this child and the descendants it waited for), its exit code and its standard output."""
+    """Run ``cmd`` to its end; return wall seconds, its peak RSS in MB, its exit code and
+    its standard output. ``_measure.py`` forks it and reads ``ru_maxrss`` from
+    ``os.wait4``: forked from this (large) process, the child would report our peak too."""
     stdout_path = log_stem.with_suffix(".stdout")
     stderr_path = log_stem.with_suffix(".stderr")
+    result_path = log_stem.with_suffix(".measure.json")
+    result_path.unlink(missing_ok=True)
     (log_stem.parent / (log_stem.name + ".cmd")).write_text(shlex.join(cmd) + "\n")
+    launcher = [str(PYTHON), "-I", "-S", str(MEASURE_SCRIPT), str(result_path), "--", *cmd]
     with stdout_path.open("wb") as out, stderr_path.open("wb") as err:
         started = time.perf_counter()
         proc = subprocess.Popen(
-            cmd, cwd=cwd, stdout=out, stderr=err, env=env, start_new_session=True
+            launcher, cwd=cwd, stdout=out, stderr=err, env=env, start_new_session=True
         )
         timer = threading.Timer(timeout, _kill_group, args=(proc.pid,))
         timer.start()
         try:
-            _, status, usage = os.wait4(proc.pid, 0)
+            code = proc.wait()
         finally:
             timer.cancel()
         wall = time.perf_counter() - started
-    proc.returncode = code = os.waitstatus_to_exitcode(status)  # reaped: Popen must not wait
-    if code == -signal.SIGKILL and wall >= timeout:
+    stdout = stdout_path.read_text(errors="replace")
+    try:
+        measured = json.loads(result_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
         with stderr_path.open("a") as err_text:
-            err_text.write(f"\nbench: killed after the {timeout:.0f} s timeout\n")
-    return wall, usage.ru_maxrss / 1024.0, code, stdout_path.read_text(errors="replace")
+            if wall >= timeout:
+                err_text.write(f"\nbench: killed after the {timeout:.0f} s timeout\n")
+            else:
+                err_text.write("\nbench: the measuring process left no result\n")
+        return wall, float("nan"), code if code else -1, stdout
+    return measured["wall_s"], measured["maxrss_kb"] / 1024.0, measured["exit_code"], stdout
 
 
 def _kill_group(pid: int) -> None:

@@ -403,8 +403,12 @@ class _Run:
         if self.since_arg is not None:
             since = self.since_arg
             return (since.replace(tzinfo=UTC) if since.tzinfo is None else since), None
-        if self.full_refresh or self.config.sync.compare == "content" or watermark is None:
+        if self.full_refresh or self.config.sync.compare == "content":
             return None, None
+        if watermark is None:
+            # A first run that stopped part-way: no lower bound yet, but its read resumes
+            # (an ordered source checkpoints its cursor before it has a watermark).
+            return None, cursor
         return watermark - self.config.sync.lookback, cursor
 
     def _checkpoint(self, store: StateStore, checkpoint: Checkpoint) -> None:

@@ -27,8 +27,8 @@ from tenacity import (
     RetryCallState,
     Retrying,
     retry_if_exception,
-    stop_after_delay,
-    wait_exponential_jitter,
+    wait_exponential,
+    wait_random,
 )
 
 from custsync import __version__
@@ -69,6 +69,13 @@ class Throttled(RetriableError):
         super().__init__("Commerce Layer throttled the request (429)")
 
 
+class TokenExpired(RetriableError):
+    """401 INVALID_TOKEN: the token was dropped; the retry fetches a new one at once."""
+
+    def __init__(self) -> None:
+        super().__init__("Commerce Layer refused the access token (401 INVALID_TOKEN)")
+
+
 class ServerError(RetriableError):
     def __init__(self, status: int):
         self.status = status
@@ -82,19 +89,25 @@ class Unreachable(RetriableError, FatalError):
 
 class Pacer:
     """Keeps requests under sliding-window limits, spacing them evenly at the sustained
-    rate so a steady run never meets a 429. ``margin`` leaves room for clocks that differ."""
+    rate so a steady run never meets a 429. ``margin`` leaves room for clocks that differ;
+    ``even=False`` keeps to the windows only (bursts allowed), for rare calls such as
+    token requests, where spacing would only delay each one."""
 
     def __init__(
         self,
         limits: Sequence[tuple[int, float]],
         *,
         margin: float = 0.95,
+        even: bool = True,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self._clock, self._sleep = clock, sleep
         self._lock = threading.Lock()
         self._margin = margin
+        self._even = even
+        self._sent: deque[float] = deque()
+        self._not_before = float("-inf")
         self.set_limits(limits)
 
     def set_limits(self, limits: Sequence[tuple[int, float]]) -> None:
@@ -102,9 +115,8 @@ class Pacer:
             self._limits = [(max(1, int(n * self._margin)), window) for n, window in limits]
             longest = max(window for _, window in self._limits)
             # Even spacing at the strictest sustained rate keeps every window under its limit.
-            self._spacing = max(window / n for n, window in self._limits)
+            self._spacing = max(window / n for n, window in self._limits) if self._even else 0.0
             self._keep = longest
-            self._sent: deque[float] = getattr(self, "_sent", deque())
 
     def wait(self) -> float:
         """Block until a request may go, record it, and return how long it waited."""
@@ -114,7 +126,7 @@ class Pacer:
                 now = self._clock()
                 while self._sent and now - self._sent[0] >= self._keep:
                     self._sent.popleft()
-                delay = 0.0
+                delay = self._not_before - now
                 if self._sent:
                     delay = max(delay, self._sent[-1] + self._spacing - now)
                 for limit, window in self._limits:
@@ -128,9 +140,10 @@ class Pacer:
                 waited += delay
 
     def back_off(self, seconds: float) -> None:
-        """After a 429: send nothing for ``seconds``."""
+        """After a 429: send nothing for ``seconds`` (the sent log keeps only real requests,
+        so the even spacing from the last one still holds afterwards)."""
         with self._lock:
-            self._sent.append(self._clock() + seconds - self._spacing)
+            self._not_before = max(self._not_before, self._clock() + seconds)
 
 
 def _token_mode(token: str) -> Mode | None:
@@ -195,7 +208,7 @@ class CommerceLayerClient:
         self._token: str | None = None
         self._token_expires = 0.0
         self._token_lock = threading.Lock()
-        self._token_pacer = Pacer(TOKEN_LIMIT, margin=1.0, clock=clock, sleep=sleep)
+        self._token_pacer = Pacer(TOKEN_LIMIT, margin=1.0, even=False, clock=clock, sleep=sleep)
         # Until the mode is known, the stricter test limits apply.
         first = self._limits_for(mode or "test")
         self._pacers: dict[Kind, Pacer] = {
@@ -243,6 +256,8 @@ class CommerceLayerClient:
         }
         if self._scope:
             body["scope"] = self._scope
+        # The lifetime counts from before the request: the server's clock started first.
+        asked_at = self._clock()
         response = self._http.post(
             self.auth_url,
             content=orjson.dumps(body),
@@ -264,13 +279,16 @@ class CommerceLayerClient:
             raise ApiError(response.status_code, None, "the token answer holds no access_token")
         lifetime = float(answer.get("expires_in") or 7200)
         self._token = token
-        self._token_expires = self._clock() + max(lifetime - TOKEN_MARGIN_S, lifetime / 2)
+        self._token_expires = asked_at + max(lifetime - TOKEN_MARGIN_S, lifetime / 2)
         if self.mode is None:
             self.learn_mode(_token_mode(token))
 
-    def invalidate_token(self) -> None:
+    def invalidate_token(self, token: str | None = None) -> None:
+        """Drop the cached token (only if it is still ``token``, when given: another thread
+        may have renewed it already)."""
         with self._token_lock:
-            self._token = None
+            if token is None or token == self._token:
+                self._token = None
 
     # --- requests ---------------------------------------------------------------------
 
@@ -298,29 +316,54 @@ class CommerceLayerClient:
             error = state.outcome.exception() if state.outcome else None
             if isinstance(error, Throttled) and error.wait is not None:
                 return error.wait
+            if isinstance(error, TokenExpired):
+                return 0.0  # the next attempt fetches a new token (paced by its own limit)
             return float(self._backoff(state))
 
-        retrying = Retrying(
-            retry=retry_if_exception(
-                lambda e: isinstance(e, RetriableError | httpx.TransportError)
-            ),
-            wait=wait,
-            stop=stop_after_delay(self._max_retry_time),
-            sleep=self._sleep,
-            reraise=True,
-            before_sleep=self._note_retry,
+        retrying = self._retrying(
+            lambda e: isinstance(e, RetriableError | httpx.TransportError), wait
         )
         try:
             return retrying(self._once, method, path, params, json, kind)
         except httpx.TransportError as exc:
             raise Unreachable(
-                f"Commerce Layer could not be reached for {self._max_retry_time:.0f}s: "
+                f"Commerce Layer could not be reached for {self._max_retry_time:g}s: "
                 f"{type(exc).__name__}"
             ) from exc
         except (Throttled, ServerError) as exc:
-            raise Unreachable(f"{exc}, still after {self._max_retry_time:.0f}s of retries") from exc
+            raise Unreachable(f"{exc}, still after {self._max_retry_time:g}s of retries") from exc
+        except TokenExpired as exc:
+            raise AuthError(401, "INVALID_TOKEN", "new access tokens were refused too") from exc
 
-    _backoff = wait_exponential_jitter(initial=0.5, max=20.0)
+    # Exponential from 0.5 s with up to 1 s of jitter (wait_exponential_jitter's form,
+    # spelt so that tenacity 8.2, where its parameter is named differently, reads it too).
+    _backoff = wait_exponential(multiplier=0.5, max=20.0) + wait_random(0.0, 1.0)
+
+    def _retrying(
+        self,
+        retriable: Callable[[BaseException], bool],
+        wait: Callable[[RetryCallState], float],
+    ) -> Retrying:
+        """Retries bounded by ``max_retry_time`` on the injected clock (tenacity's own
+        stop_after_delay reads time.monotonic, which an injected sleep never moves): the
+        last wait is cut to the deadline, so a call gives up about max_retry_time after
+        its first attempt, never a whole backoff later."""
+        deadline = self._clock() + self._max_retry_time
+
+        def bounded(state: RetryCallState) -> float:
+            return max(0.0, min(wait(state), deadline - self._clock()))
+
+        def stop(state: RetryCallState) -> bool:
+            return self._clock() >= deadline
+
+        return Retrying(
+            retry=retry_if_exception(retriable),
+            wait=bounded,
+            stop=stop,
+            sleep=self._sleep,
+            reraise=True,
+            before_sleep=self._note_retry,
+        )
 
     def _note_retry(self, state: RetryCallState) -> None:
         self.retries += 1
@@ -331,7 +374,8 @@ class CommerceLayerClient:
         self, method: str, path: str, params: Mapping[str, Any] | None, json: Any, kind: Kind
     ) -> httpx.Response:
         url = path if path.startswith("http") else f"{self.base_url}{path}"
-        headers = {"Accept": JSONAPI, "Authorization": f"Bearer {self._bearer()}"}
+        token = self._bearer()
+        headers = {"Accept": JSONAPI, "Authorization": f"Bearer {token}"}
         content = None
         if json is not None:
             headers["Content-Type"] = JSONAPI
@@ -355,8 +399,8 @@ class CommerceLayerClient:
             raise ServerError(status)
         code, detail, pointer = _errors(response)
         if status == 401 and code == "INVALID_TOKEN":
-            self.invalidate_token()
-            raise RetriableError("the token expired")
+            self.invalidate_token(token)
+            raise TokenExpired()
         if status in (401, 403):
             raise AuthError(status, code, detail, pointer=pointer)
         raise ApiError(status, code, detail, pointer=pointer)
@@ -366,12 +410,9 @@ class CommerceLayerClient:
 
     def download(self, url: str) -> bytes:
         """A file the API points at (an export's attachment): no API headers, retried."""
-        retrying = Retrying(
-            retry=retry_if_exception(lambda e: isinstance(e, ServerError | httpx.TransportError)),
-            wait=self._backoff,
-            stop=stop_after_delay(self._max_retry_time),
-            sleep=self._sleep,
-            reraise=True,
+        retrying = self._retrying(
+            lambda e: isinstance(e, ServerError | httpx.TransportError),
+            lambda state: float(self._backoff(state)),
         )
 
         def once() -> bytes:
@@ -383,7 +424,13 @@ class CommerceLayerClient:
                 raise ApiError(response.status_code, None, "the attachment could not be read")
             return response.content
 
-        return retrying(once)
+        try:
+            return retrying(once)
+        except (httpx.TransportError, ServerError) as exc:
+            raise Unreachable(
+                f"an export attachment could not be downloaded in {self._max_retry_time:g}s: "
+                f"{type(exc).__name__}"
+            ) from exc
 
 
 def base_url_for(organization: str | None, base_url: str | None) -> str:

@@ -167,6 +167,8 @@ class ExportBackfill:
         )
         remaining = (document.get("meta") or {}).get("record_count")
         data = document.get("data") or []
+        if data and self.client.mode is None:
+            self.client.learn_mode((data[0].get("meta") or {}).get("mode"))
         if remaining == 0:
             return None
         if not data or (isinstance(remaining, int) and remaining <= self.size):
@@ -236,7 +238,10 @@ class ExportBackfill:
             attributes = data.get("attributes") or {}
             status = attributes.get("status")
             if status == "completed":
-                self._meta = self._meta or data.get("meta")
+                if self._meta is None and isinstance(data.get("meta"), dict):
+                    self._meta = data["meta"]
+                    if self.client.mode is None:
+                        self.client.learn_mode(self._meta.get("mode"))
                 url = attributes.get("attachment_url")
                 if not url:
                     raise ExportError(f"export {span.export_id} completed without an attachment")

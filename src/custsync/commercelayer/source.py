@@ -8,7 +8,9 @@ Commerce Layer's own "fetch everything" helper does. Records that change during 
 leave the window and are read by the next run, which starts below this window's end; ties
 on ``updated_at`` cannot be lost because the walk does not page by time. The window and
 the last id are the source's cursor, checkpointed after each committed batch, so a failed
-or killed run resumes where it stopped.
+or killed run resumes where it stopped. A full read (no lower bound) of more than
+``export_threshold`` records reads the same window through the Exports API instead
+(``exports.py``), checkpointing after each id range.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, SecretStr
 
 from custsync.commercelayer.client import CommerceLayerClient, Kind, base_url_for
+from custsync.commercelayer.exports import ExportBackfill
 from custsync.errors import ConfigError
 from custsync.model import ATTRIBUTES, RELATIONSHIPS, iter_records
 from custsync.sources.base import Checkpoint, RawRecord, SourceBatch, SourceSettings
@@ -159,6 +162,12 @@ class CommerceLayerSource:
         cursor: Mapping[str, Any] | None,
         batch_size: int,
     ) -> Iterator[SourceBatch]:
+        if cursor and cursor.get("mode") == "export":
+            end = _parse(cursor["window"][1])
+            after = cursor.get("last_boundary")
+            if end is not None:
+                log.info("resuming the export backfill up to %s after id %s", _iso(end), after)
+                return self._backfill(end, after, batch_size)
         if cursor and cursor.get("window"):
             start, end = cursor["window"]
             window = (_parse(start), _parse(end))
@@ -195,6 +204,10 @@ class CommerceLayerSource:
                 _iso(end),
                 total,
             )
+            threshold = self.settings.export_threshold
+            if start is None and threshold and isinstance(total, int) and total > threshold:
+                yield from self._backfill(end, None, batch_size)
+                return
         base = self._params()
         if start is not None:
             base["filter[q][updated_at_gteq]"] = _iso(start)
@@ -234,6 +247,18 @@ class CommerceLayerSource:
                 break
         # The whole window is read: the watermark moves to its end and the cursor clears.
         yield SourceBatch([], Checkpoint(end, None))
+
+    def _backfill(self, end: datetime, after: str | None, batch_size: int) -> Iterator[SourceBatch]:
+        """A full read of more than ``export_threshold`` records: through exports."""
+        backfill = ExportBackfill(
+            self.client,
+            end=end,
+            size=self.settings.export_size,
+            in_flight=self.settings.exports_in_flight,
+            fields=self._fields,
+            includes=self._include,
+        )
+        return backfill.read(after, batch_size=batch_size)
 
     def ids(self) -> Iterator[str]:
         return customer_ids(self)
