@@ -623,6 +623,12 @@ class _Handler(BaseHTTPRequestHandler):
     sys_version = ""
     timeout = 30
 
+    def setup(self) -> None:
+        super().setup()
+        # Headers and body go out in separate writes: without TCP_NODELAY, Nagle's
+        # algorithm holds the second for ~40 ms and every request looks slow.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
     def _fake(self) -> FakeCommerceLayer:
         return cast(_Server, self.server).fake
 

@@ -346,6 +346,32 @@ def test_unknown_fields_and_a_key_other_than_match_by_are_config_errors(
         make_target(fake, match_by="reference").prepare(schema("reference", key="reference"))
 
 
+def test_a_value_no_customer_field_can_hold_fails_its_row_without_a_request(
+    fake: FakeCommerceLayer,
+) -> None:
+    target = prepared(fake, schema("email", "metadata"))
+    results = target.write(
+        [
+            {"email": "ada@example.com", "metadata": "gold"},
+            {"email": "bob@example.com", "metadata": {"tier": "gold"}},
+        ]
+    )
+    assert outcomes(results) == {
+        ("ada@example.com",): Outcome.FAILED,
+        ("bob@example.com",): Outcome.INSERTED,
+    }
+    assert results[0].message == "metadata must be an object, not str"
+    assert len(writes(fake)) == 1
+
+
+def test_check_reaches_the_api_and_says_how_customers_are_matched(
+    fake: FakeCommerceLayer,
+) -> None:
+    seed(fake, "AAAAAAAAAA", "ada@example.com")
+    (line,) = make_target(fake, match_by="reference").check()
+    assert "1 customers (test mode), matched by reference" in line
+
+
 # --- matching by reference -----------------------------------------------------------------
 
 
@@ -388,6 +414,11 @@ def test_reference_origin_tells_customers_of_other_systems_apart(fake: FakeComme
     (result,) = target.write([row])
     assert (result.outcome, result.target_id) == (Outcome.UPDATED, "BBBBBBBBBB")
     assert attributes_of(fake, "AAAAAAAAAA")["email"] == "erp@example.com"
+    # The only customer with the reference belongs to another system: a new customer.
+    seed(fake, "CCCCCCCCCC", "erp8@example.com", reference="8", reference_origin="erp")
+    (other,) = target.write([{**row, "reference": "8", "email": "shop8@example.com"}])
+    assert other.outcome is Outcome.INSERTED
+    assert attributes_of(fake, "CCCCCCCCCC")["reference_origin"] == "erp"
 
 
 def test_a_duplicate_email_fails_alone_and_the_rest_commits(fake: FakeCommerceLayer) -> None:

@@ -26,7 +26,7 @@ from custsync.commercelayer.client import (
     Pacer,
     Unreachable,
 )
-from custsync.errors import CustsyncError, FatalError, RetriableError
+from custsync.errors import FatalError, RetriableError
 
 SECRET = "cl-secret-7f3a9c1e-never-print-me"
 BASE_URL = "https://acme.commercelayer.io/api"
@@ -238,7 +238,7 @@ def test_pacer_never_exceeds_any_window_whatever_the_request_times(
 ) -> None:
     mode, steps = plan
     time = FakeTime(0.0)
-    limits = LIMITS[mode]["read"]  # type: ignore[index]
+    limits = LIMITS["live" if mode == "live" else "test"]["read"]
     pacer = Pacer(limits, clock=time.clock, sleep=time.sleep)
     spacing = max(window / int(n * 0.95) for n, window in limits)
     sent: list[float] = []
@@ -487,11 +487,10 @@ def test_the_secret_and_the_token_never_appear_in_exceptions_or_logs(
         lambda r: error(422, "VALIDATION_ERROR", "is invalid", "/data/attributes/email")
     )
     api.script.extend([_connect_error] * 100)
-    for attempt in range(2):
-        with pytest.raises(CustsyncError) as caught:
+    for expected in (ApiError, Unreachable):  # a refusal, then retries that run out
+        with pytest.raises(expected) as caught:
             client.request("PATCH", "/customers/abc", json={"data": {"id": "abc"}})
         failures.append(caught.value)
-        assert attempt == 1 or isinstance(caught.value, ApiError)
     api.refuse_tokens = True
     client.invalidate_token()
     with pytest.raises(AuthError) as refused:

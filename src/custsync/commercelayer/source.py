@@ -153,7 +153,10 @@ class CommerceLayerSource:
     def check(self) -> list[str]:
         document = self.client.get("/customers", {"page[size]": 1, "fields[customers]": "id"})
         count = (document.get("meta") or {}).get("record_count")
-        return [f"reached {self.client.base_url}: {count} customers ({self.client.mode} mode)"]
+        data = document.get("data") or [{}]
+        self.client.learn_mode((data[0].get("meta") or {}).get("mode"))
+        mode = self.client.mode or "unknown"
+        return [f"reached {self.client.base_url}: {count} customers ({mode} mode)"]
 
     def read(
         self,

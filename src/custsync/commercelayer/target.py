@@ -150,17 +150,24 @@ def _text(value: Any) -> str | None:
         return text or None
     if isinstance(value, datetime):
         return value.isoformat()
-    raise TypeError(type(value).__name__)
+    raise TypeError(f"must be text, not {type(value).__name__}")
 
 
 def _json_object(value: Any) -> dict[str, Any]:
     """A metadata value as the JSON object the API will store (so comparisons are between
     JSON values, whatever Python types the mapping produced)."""
     if not isinstance(value, Mapping):
-        raise TypeError(type(value).__name__)
-    loaded = orjson.loads(orjson.dumps(value))
+        raise TypeError(f"must be an object, not {type(value).__name__}")
+    try:
+        loaded = orjson.loads(orjson.dumps(value))
+    except orjson.JSONEncodeError as exc:  # orjson's is a TypeError: say what it is
+        raise TypeError(f"is not JSON: {exc}") from None
     assert isinstance(loaded, dict)
     return loaded
+
+
+def _origin_of(customer: Mapping[str, Any]) -> str | None:
+    return (customer.get("attributes") or {}).get("reference_origin") or None
 
 
 def _group_of(customer: Mapping[str, Any]) -> str | None:
@@ -246,8 +253,14 @@ class CommerceLayerTarget:
 
     def check(self) -> list[str]:
         document = self.client.get("/customers", {"page[size]": 1, "fields[customers]": "id"})
+        for customer in document.get("data") or []:
+            self.client.learn_mode((customer.get("meta") or {}).get("mode"))
         count = (document.get("meta") or {}).get("record_count")
-        return [f"reached {self.client.base_url}: {count} customers ({self.client.mode} mode)"]
+        mode = self.client.mode or "unknown"
+        return [
+            f"reached {self.client.base_url}: {count} customers ({mode} mode), "
+            f"matched by {self.settings.match_by}"
+        ]
 
     def close(self) -> None:
         if self._owns_client:
@@ -304,8 +317,9 @@ class CommerceLayerTarget:
         schema: RowSchema, row: Row, found: list[dict[str, Any]]
     ) -> list[dict[str, Any]]:
         """A reference is an id in the system ``reference_origin`` names: when the rows say
-        which system, a customer whose reference belongs to another one is not a match."""
-        if len(found) < 2 or "reference_origin" not in {c.name for c in schema.columns}:
+        which system, a customer whose reference belongs to another one is not a match
+        (one without an origin is, when no customer has the row's own)."""
+        if not found or "reference_origin" not in {c.name for c in schema.columns}:
             return found
         try:
             origin = _text(row.get("reference_origin"))
@@ -313,19 +327,15 @@ class CommerceLayerTarget:
             return found
         if origin is None:
             return found
-
-        def origin_of(customer: Mapping[str, Any]) -> str | None:
-            return (customer.get("attributes") or {}).get("reference_origin") or None
-
-        same = [c for c in found if origin_of(c) == origin]
-        return same or [c for c in found if origin_of(c) is None]
+        same = [c for c in found if _origin_of(c) == origin]
+        return same or [c for c in found if _origin_of(c) is None]
 
     def _decide(
         self, schema: RowSchema, key: Key, row: Row, current: dict[str, Any] | None
     ) -> _Plan:
         try:
             wanted, metadata, group, password = self._wanted(schema, row)
-        except (TypeError, ValueError, orjson.JSONEncodeError) as exc:
+        except TypeError as exc:
             return _Plan(key, Outcome.FAILED, message=str(exc))
         if current is None:
             if schema.match_policy == "update_only":
@@ -387,9 +397,8 @@ class CommerceLayerTarget:
                     password = _text(value)
                 else:
                     wanted[name] = _text(value)
-            except (TypeError, orjson.JSONEncodeError) as exc:
-                kind = "an object" if name == "metadata" else "text"
-                raise TypeError(f"{name} must be {kind}, not {exc}") from None
+            except TypeError as exc:
+                raise TypeError(f"{name} {exc}") from None
         return wanted, metadata, group, password
 
     def _lookup(self, schema: RowSchema, keys: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
@@ -495,11 +504,14 @@ class CommerceLayerTarget:
         created = response.json()["data"]["id"]
         return RowResult(plan.key, Outcome.INSERTED, None, str(created))
 
-    def _is_ours(self, plan: _Plan, current: Mapping[str, Any]) -> bool:
+    def _is_ours(self, plan: _Plan, current: dict[str, Any]) -> bool:
         if self.settings.match_by == "email":
             return True
         stored = current.get("attributes") or {}
-        return bool(stored.get("reference") == plan.attributes.get("reference"))
+        if stored.get("reference") != plan.attributes.get("reference"):
+            return False
+        assert plan.row is not None
+        return bool(self._same_origin(self._ready(), plan.row, [current]))
 
     def _update(self, plan: _Plan) -> RowResult:
         assert plan.customer_id is not None
