@@ -255,6 +255,8 @@ class _Run:
         self.max_seen: datetime | None = None
         self.schema: RowSchema = self.config.schema_
         self.notes: list[str] = []
+        self.writeback: Any = None
+        self.written_back: Counter[str] = Counter()
 
     # --- the run as a list of stages --------------------------------------------------
 
@@ -315,8 +317,13 @@ class _Run:
         target: Target | None = None
         try:
             source = _ReplaySource(self.replay) if self.replay else self.job.make_source()
+            paths = self.config.mapping.source_paths()
+            if self.config.writeback is not None:
+                paths = {*paths, "id", self.config.writeback.field}
+                if not self.dry_run:
+                    self.writeback = self._writeback_for(source)
             if isinstance(source, Projectable) and self.config.inbound is None:
-                source.project(self.config.mapping.source_paths())
+                source.project(paths)
             target = self.job.make_target()
             self.notes += target.prepare(self.schema, create=not self.dry_run)
             with Ledger(self.config.sync.duplicates, directory=self._scratch()) as ledger:
@@ -367,6 +374,14 @@ class _Run:
             watermark = store.get(self.config.name).watermark
         elif not self.dry_run and last_checkpoint is not None:
             watermark = store.get(self.config.name).watermark
+        if self.written_back and self.config.writeback is not None:
+            done = ", ".join(f"{n} {status}" for status, n in sorted(self.written_back.items()))
+            field = self.config.writeback.field
+            self.notes.append(f"writeback to Commerce Layer ({field}): {done}")
+        elif self.writeback is not None and (self.counts["inserted"] or self.counts["updated"]):
+            self.notes.append(
+                "writeback: the target reported no ids (set id_column on a sql target)"
+            )
         if status == "ok" and self.config.sync.rejects_exceeded(
             self.counts["rejected"], self.counts["read"]
         ):
@@ -380,6 +395,14 @@ class _Run:
                 watermark_after=watermark,
                 error=error,
             )
+
+    def _writeback_for(self, source: Source) -> Any:
+        from custsync.commercelayer.writeback import Writeback
+
+        client = getattr(source, "client", None)
+        if client is None or self.config.writeback is None:
+            raise ConfigError("writeback needs the commercelayer source", key="writeback")
+        return Writeback(client, self.config.writeback)
 
     def _scratch(self) -> Path | None:
         """A folder for the run's scratch files beside the job's state, so that what a
@@ -620,6 +643,38 @@ class _Run:
             ):
                 committed.append(rewrite)
         ledger.commit(committed)
+        if self.writeback is not None:
+            self._write_back(committed, by_key)
+
+    def _write_back(self, committed: Sequence[Candidate], by_key: Mapping[Any, RowResult]) -> None:
+        """Send the ids the target assigned back into Commerce Layer, before this batch's
+        checkpoint: a crash re-does it, and it only fills empty fields, so that is safe."""
+        from custsync.commercelayer.writeback import WritebackItem, WritebackStatus
+
+        items = []
+        for candidate in committed:
+            result = by_key.get(candidate.key)
+            customer_id = candidate.record.get("id")
+            if result is None or result.target_id is None or not customer_id:
+                continue
+            metadata = candidate.record.get("metadata")
+            items.append(
+                WritebackItem(
+                    customer_id=str(customer_id),
+                    target_id=result.target_id,
+                    reference=candidate.record.get("reference"),
+                    metadata=metadata if isinstance(metadata, dict) else None,
+                )
+            )
+        if not items:
+            return
+        assert self.writeback is not None
+        for outcome in self.writeback.write(items):
+            self.written_back[outcome.status.value] += 1
+            if outcome.status is WritebackStatus.FAILED:
+                log.warning(
+                    "writeback to customer %s failed: %s", outcome.customer_id, outcome.message
+                )
 
 
 def _key_text(value: Any) -> str:
