@@ -16,7 +16,7 @@ import sqlite3
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,6 +28,10 @@ from custsync.targets.base import Key
 Policy = Literal["keep_latest", "keep_first", "merge", "reject"]
 _EPOCH = datetime.min.replace(tzinfo=UTC)
 _CHUNK = 500
+_SPILL_CHUNK = 32
+# updated_at kept as whole microseconds since 1970: exact, so ties stay ties.
+_UNIX = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
 
 
 @dataclass(slots=True)
@@ -84,8 +88,8 @@ class Ledger:
         self._db.execute("PRAGMA journal_mode = OFF")
         self._db.execute("PRAGMA synchronous = OFF")
         self._db.execute(
-            "CREATE TABLE holder (key BLOB PRIMARY KEY, ts TEXT, seq INTEGER, source_id TEXT,"
-            " outcome TEXT, at INTEGER, size INTEGER, row BLOB) WITHOUT ROWID"
+            "CREATE TABLE holder (key TEXT PRIMARY KEY, ts INTEGER, seq INTEGER, source_id TEXT,"
+            " outcome TEXT, at INTEGER, size INTEGER, item INTEGER, row BLOB) WITHOUT ROWID"
         )
         self._spill = (folder / "records.jsonl").open("w+b")
         self._end = 0
@@ -103,31 +107,39 @@ class Ledger:
         self.close()
 
     @staticmethod
-    def _key(key: Key) -> bytes:
-        return orjson.dumps(list(key), default=str)
+    def _key(key: Key) -> str:
+        # Keys are text (the engine makes them so); a unit separator joins composite ones.
+        return key[0] if len(key) == 1 and isinstance(key[0], str) else "\x1f".join(map(str, key))
+
+    def _record(self, at: int, size: int, item: int, chunks: dict[int, list[Any]]) -> Any:
+        chunk = chunks.get(at)
+        if chunk is None:
+            chunk = chunks[at] = orjson.loads(os.pread(self._spill.fileno(), size, at))
+        return chunk[item]
 
     def _holders(self, keys: Sequence[Key]) -> dict[Key, Candidate]:
         if self._seen == 0:
             return {}
         found: dict[Key, Candidate] = {}
+        spilled: dict[int, list[Any]] = {}
         encoded = {self._key(k): k for k in keys}
         chunks = list(encoded)
         for start in range(0, len(chunks), _CHUNK):
             chunk = chunks[start : start + _CHUNK]
             marks = ",".join("?" * len(chunk))
             rows = self._db.execute(
-                "SELECT key, ts, seq, source_id, outcome, at, size, row FROM holder "
+                "SELECT key, ts, seq, source_id, outcome, at, size, item, row FROM holder "
                 f"WHERE key IN ({marks})",
                 chunk,
             )
-            for encoded_key, ts, seq, source_id, outcome, at, size, row in rows:
+            for encoded_key, ts, seq, source_id, outcome, at, size, item, row in rows:
                 key = encoded[encoded_key]
                 found[key] = Candidate(
                     key,
-                    datetime.fromisoformat(ts) if ts else None,
+                    _UNIX + timedelta(microseconds=ts) if ts is not None else None,
                     seq,
                     source_id,
-                    orjson.loads(os.pread(self._spill.fileno(), size, at)),
+                    self._record(at, size, item, spilled),
                     pickle.loads(row) if row is not None else {},
                     outcome,
                 )
@@ -184,34 +196,37 @@ class Ledger:
         self._seen += len(holders)
         # Records lose their top-level secrets before they touch the scratch files; rows
         # are kept only where a later record may merge into them.
-        records = [orjson.dumps(_scrub(c.record), default=str) for c in holders]
-        self._spill.seek(self._end)
-        self._spill.write(b"".join(records))
-        self._spill.flush()
+        # Records go to the spill file in chunks: one orjson call for a chunk costs a
+        # fraction of one call per record, and a holder is read back (rarely) by chunk.
         keep_rows = self.policy == "merge"
         entries = []
-        at = self._end
-        for candidate, record in zip(holders, records, strict=True):
-            entries.append(
-                (
-                    self._key(candidate.key),
-                    candidate.ts.isoformat() if candidate.ts else None,
-                    candidate.seq,
-                    candidate.source_id,
-                    candidate.outcome,
-                    at,
-                    len(record),
-                    pickle.dumps(candidate.row, protocol=pickle.HIGHEST_PROTOCOL)
-                    if keep_rows
-                    else None,
+        self._spill.seek(self._end)
+        for start in range(0, len(holders), _SPILL_CHUNK):
+            part = holders[start : start + _SPILL_CHUNK]
+            blob = orjson.dumps([_scrub(c.record) for c in part], default=str)
+            self._spill.write(blob)
+            for item, candidate in enumerate(part):
+                entries.append(
+                    (
+                        self._key(candidate.key),
+                        (candidate.ts - _UNIX) // _MICROSECOND if candidate.ts else None,
+                        candidate.seq,
+                        candidate.source_id,
+                        candidate.outcome,
+                        self._end,
+                        len(blob),
+                        item,
+                        pickle.dumps(candidate.row, protocol=pickle.HIGHEST_PROTOCOL)
+                        if keep_rows
+                        else None,
+                    )
                 )
-            )
-            at += len(record)
-        self._end = at
+            self._end += len(blob)
+        self._spill.flush()
         # One transaction a batch: in autocommit every row would be its own transaction.
         with self._db:
             self._db.executemany(
-                "INSERT OR REPLACE INTO holder VALUES (?, ?, ?, ?, ?, ?, ?, ?)", entries
+                "INSERT OR REPLACE INTO holder VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", entries
             )
 
 

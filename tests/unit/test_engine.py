@@ -460,3 +460,18 @@ def test_running_twice_equals_running_once(
     assert_counts_add_up(first)
     assert_counts_add_up(second)
     assert first.inserted == len(after_one)
+
+
+def test_ties_across_batches_keep_the_last_seen_to_the_microsecond(tmp_path: Path) -> None:
+    tie = "2026-01-02T10:30:00.123457Z"
+    records = [
+        customer("a", ts=tie, metadata={"tier": "first"}),
+        customer("x"),
+        customer("a", ts=tie, metadata={"tier": "last"}),
+    ]
+    job, target = make_job(tmp_path, records, batch_size=1)
+
+    result = job.run()
+
+    assert target.rows[("a",)]["tier"] == "last"
+    assert result.duplicates == 1
