@@ -579,10 +579,7 @@ class SqlTarget:
         found: dict[Key, str] = {}
         for start in range(0, len(keys), _IN_CHUNK):
             chunk = keys[start : start + _IN_CHUNK]
-            if len(key_cols) == 1:
-                condition = key_cols[0].in_([k[0] for k in chunk])
-            else:
-                condition = sa.tuple_(*key_cols).in_(chunk)
+            condition = _keys_in(key_cols, chunk)
             for row in conn.execute(sa.select(*key_cols, table.c[column]).where(condition)):
                 if row[-1] is not None:
                     found[tuple(row[:-1])] = str(row[-1])
@@ -602,10 +599,7 @@ class SqlTarget:
         out: dict[Key, Row] = {}
         for start in range(0, len(keys), _IN_CHUNK):
             chunk = keys[start : start + _IN_CHUNK]
-            if len(key_cols) == 1:
-                condition = key_cols[0].in_([k[0] for k in chunk])
-            else:
-                condition = sa.tuple_(*key_cols).in_(chunk)
+            condition = _keys_in(key_cols, chunk)
             columns = [c for c in table.columns if self._present is None or c.name in self._present]
             query = sa.select(*columns).where(condition)
             if lock and self.dialect != "sqlite":
@@ -714,10 +708,7 @@ class SqlTarget:
         with self.engine.begin() as conn:
             for start in range(0, len(keys), _IN_CHUNK):
                 chunk = keys[start : start + _IN_CHUNK]
-                if len(key_cols) == 1:
-                    condition = key_cols[0].in_([k[0] for k in chunk])
-                else:
-                    condition = sa.tuple_(*key_cols).in_(chunk)
+                condition = _keys_in(key_cols, chunk)
                 changed += conn.execute(statement(condition)).rowcount or 0
         return changed
 
@@ -737,6 +728,13 @@ class SqlTarget:
 
 
 _NO_ROW = "no row with this key, and match_policy = update_only"
+
+
+def _keys_in(key_cols: Sequence[Any], keys: Sequence[Key]) -> Any:
+    """``key IN (...)``, or ``(k1, k2) IN (...)`` for a composite key."""
+    if len(key_cols) == 1:
+        return key_cols[0].in_([k[0] for k in keys])
+    return sa.tuple_(*key_cols).in_(keys)
 
 
 def _row_level(exc: DBAPIError) -> bool:
