@@ -653,35 +653,48 @@ def write_report(
     validation: dict[str, Any] | None,
     info: dict[str, Any],
 ) -> None:
+    runs = info["runs"]
     lines = [
         "# custsync benchmark results",
         "",
-        f"Written by `bench/run.py` on {info['finished']} "
-        f"(the run took {info['elapsed_min']:.1f} min).",
+        f"Written by `bench/run.py` on {info['finished']}.",
         "How to reproduce: see [bench/README.md](README.md).",
         "",
-        "## Command",
+        "## Command" + ("s" if len(runs) > 1 else ""),
         "",
-        "```",
-        info["command"],
-        "```",
-        "",
+    ]
+    if len(runs) > 1:
+        lines += [
+            "Measurements from several runs; for each target, tool and size, those of the "
+            "last run listed that measured it.",
+            "",
+        ]
+    for run in runs:
+        code = run["source_start"]
+        if run["source_end"] != code:
+            code += f" at the start, {run['source_end']} at the end (it changed during the run)"
+        lines += [
+            "```",
+            run["command"],
+            "```",
+            "",
+            f"- {run['finished']}, {run['elapsed_min']:.1f} min; code measured: {code}",
+            f"- raw measurements: `{run['log']}` (one JSON object per run)",
+            "",
+        ]
+    lines += [
         "## Machine",
         "",
         *(f"- {k}: {v}" for k, v in info["machine"].items()),
-        f"- 1-minute load average before the runs: median {info['load_median']:.2f}, "
+        f"- 1-minute load average before each run: median {info['load_median']:.2f}, "
         f"max {info['load_max']:.2f} (other work on the machine skews the figures)",
         "",
         "## Versions",
         "",
         *(f"- {k}: {v}" for k, v in info["versions"].items()),
-        f"- code measured: {info['source_start']}"
-        + (
-            ""
-            if info["source_start"] == info["source_end"]
-            else f" at the start, {info['source_end']} at the end (the code changed during the run)"
-        ),
         "",
+    ]
+    lines += [
         "## Goals (issue 4)",
         "",
         "| goal | measured | verdict |",
@@ -763,8 +776,6 @@ def write_report(
         "- **naive** (`bench/competitors/naive.py`): the whole file into a pandas DataFrame, "
         "then `INSERT ... ON CONFLICT (id) DO UPDATE` through SQLAlchemy's executemany in "
         "chunks of 5,000, one transaction per chunk; no state, so every run writes every row.",
-        "",
-        f"Raw measurements: `{info['log']}` (one JSON object per run).",
         "",
     ]
     path.write_text("\n".join(lines), encoding="utf-8")
@@ -861,6 +872,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--keep", action="store_true", help="keep databases after each repetition")
     parser.add_argument(
+        "--report-from",
+        type=lambda text: [Path(part) for part in text.split(",") if part.strip()],
+        default=None,
+        metavar="DIR[,DIR...]",
+        help="run nothing: rebuild the report from earlier runs' folders under bench/out/runs",
+    )
+    parser.add_argument(
         "--results",
         type=Path,
         default=None,
@@ -879,6 +897,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     if "dlt" not in args.tools:
         args.trap = False
+    if args.report_from:
+        return report_from(
+            args.report_from, results_path, validate=not args.no_validate, seed=args.seed
+        )
 
     problems = preflight(args)
     if problems:
@@ -917,48 +939,110 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 measurements += run_sequence(place, datasets[n], 1, args, log)
 
-    validation = None
-    if not args.no_validate:
-        done = subprocess.run(
-            [str(PYTHON), str(VALIDATE_SCRIPT), "--json", "--seed", str(args.seed)],
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=1800,
-        )
-        validation = last_json_line(done.stdout) or None
-        if validation is None:
-            print(f"bench: validate.py failed:\n{done.stderr[-2000:]}", file=sys.stderr)
-
-    tools = [*args.tools, *(["dlt-trap"] if args.trap else [])]
-    print()
-    print_table(measurements, args.tools)
-    for goal, measured, verdict in goals(measurements, args.sizes, validation):
-        print(f"goal: {goal}: {measured}: {verdict.strip('*')}")
-    loads = [m.load_before for m in measurements if m.load_before == m.load_before] or [0.0]
-    info = {
+    validation = None if args.no_validate else run_validation(args.seed)
+    if validation is not None:
+        (work / "validation.json").write_text(json.dumps(validation) + "\n", encoding="utf-8")
+    run_info = {
         "command": command_line,
-        "machine": machine(),
-        "versions": versions(pg_url, "dlt" in args.tools),
         "source_start": source_start,
         "source_end": source_state(),
         "finished": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "elapsed_min": (time.perf_counter() - started) / 60,
+        "log": os.path.relpath(log, ROOT),
+        "pg_url": pg_url,
+    }
+    (work / "run.json").write_text(json.dumps(run_info, indent=2) + "\n", encoding="utf-8")
+    report(measurements, [run_info], validation, results_path)
+    failed = [m for m in measurements if not m.ok and m.tool != "dlt-trap"]
+    return 1 if failed else 0
+
+
+def run_validation(seed: int) -> dict[str, Any] | None:
+    done = subprocess.run(
+        [str(PYTHON), str(VALIDATE_SCRIPT), "--json", "--seed", str(seed)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=1800,
+    )
+    validation = last_json_line(done.stdout) or None
+    if validation is None:
+        print(f"bench: validate.py failed:\n{done.stderr[-2000:]}", file=sys.stderr)
+    return validation
+
+
+def report(
+    measurements: list[Measurement],
+    runs: list[dict[str, Any]],
+    validation: dict[str, Any] | None,
+    results_path: Path,
+) -> None:
+    """Print the table and the goals, and write the report."""
+    present = {m.tool for m in measurements}
+    tools = [t for t in (*TOOLS, "dlt-trap") if t in present]
+    sizes = sorted({m.n for m in measurements if m.tool != "dlt-trap"})
+    print()
+    print_table(measurements, [t for t in tools if t != "dlt-trap"])
+    for goal, measured, verdict in goals(measurements, sizes, validation):
+        print(f"goal: {goal}: {measured}: {verdict.strip('*')}")
+    loads = [m.load_before for m in measurements if m.load_before == m.load_before] or [0.0]
+    pg_url = next((run["pg_url"] for run in runs if run.get("pg_url")), None)
+    info = {
+        "runs": runs,
+        "machine": machine(),
+        "versions": versions(pg_url, any(t.startswith("dlt") for t in tools)),
+        "finished": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "load_median": statistics.median(loads),
         "load_max": max(loads),
-        "log": os.path.relpath(log, ROOT),
     }
     write_report(
         results_path,
         measurements=measurements,
         tools=tools,
-        sizes=args.sizes,
+        sizes=sizes,
         validation=validation,
         info=info,
     )
     print(f"bench: wrote {os.path.relpath(results_path, Path.cwd())}")
-    failed = [m for m in measurements if not m.ok and m.tool != "dlt-trap"]
-    return 1 if failed else 0
+
+
+def report_from(dirs: Sequence[Path], results_path: Path, *, validate: bool, seed: int) -> int:
+    """Rebuild the report from earlier runs' folders. For each (target, tool, size), the
+    measurements of the last folder that has them win: a later run can redo one part."""
+    groups: dict[tuple[str, str, int], list[Measurement]] = {}
+    runs: list[dict[str, Any]] = []
+    validation: dict[str, Any] | None = None
+    for folder in dirs:
+        log = folder / "measurements.jsonl"
+        if not log.exists():
+            print(f"bench: {log} does not exist", file=sys.stderr)
+            return 2
+        found: dict[tuple[str, str, int], list[Measurement]] = {}
+        for line in log.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                m = Measurement(**json.loads(line))
+                found.setdefault((m.target, m.tool, m.n), []).append(m)
+        groups.update(found)
+        meta = folder / "run.json"
+        runs.append(
+            json.loads(meta.read_text(encoding="utf-8"))
+            if meta.exists()
+            else {
+                "command": "(not recorded)",
+                "source_start": "unknown",
+                "source_end": "unknown",
+                "finished": "unknown",
+                "elapsed_min": float("nan"),
+                "log": os.path.relpath(log, ROOT),
+            }
+        )
+        if (folder / "validation.json").exists():
+            validation = json.loads((folder / "validation.json").read_text(encoding="utf-8"))
+    if validation is None and validate:
+        validation = run_validation(seed)
+    measurements = [m for group in groups.values() for m in group]
+    report(measurements, runs, validation, results_path)
+    return 0
 
 
 if __name__ == "__main__":

@@ -368,9 +368,11 @@ class _Run:
 
         watermark = state.watermark
         if completed and status == "ok" and not self.dry_run and not self.replay:
-            if last_checkpoint is None:
-                # An unordered source: the watermark moves only now that all is committed.
-                self._checkpoint(store, Checkpoint(self.max_seen, None))
+            if last_checkpoint is None or last_checkpoint.watermark is None:
+                # An unordered source: the watermark moves only now that all is committed
+                # (its own final checkpoint, if any, carries a cursor but no watermark).
+                cursor = last_checkpoint.cursor if last_checkpoint is not None else None
+                self._checkpoint(store, Checkpoint(self.max_seen, cursor))
             watermark = store.get(self.config.name).watermark
         elif not self.dry_run and last_checkpoint is not None:
             watermark = store.get(self.config.name).watermark

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import tracemalloc
 from collections.abc import Iterable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +68,8 @@ def source(base: Path, path: str, **settings: Any) -> FileSource:
 
 
 def read_batches(src: FileSource, batch_size: int = 100) -> list[SourceBatch]:
-    return list(src.read(since=None, cursor=None, batch_size=batch_size))
+    """The batches that carry records (the closing, empty checkpoint batch left out)."""
+    return [b for b in src.read(since=None, cursor=None, batch_size=batch_size) if b.records]
 
 
 def read_all(src: FileSource, batch_size: int = 100) -> list[RawRecord]:
@@ -253,6 +255,43 @@ def test_batches_have_the_requested_size_and_the_last_the_rest(tmp_path: Path) -
 
     assert [len(b.records) for b in batches] == [3, 3, 1]
     assert all(b.checkpoint is None and b.skipped == 0 for b in batches)
+
+
+def test_a_complete_read_ends_with_what_each_file_held(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "a.jsonl", [resource(n) for n in range(4)])
+
+    *_, last = source(tmp_path, "a.jsonl").read(since=None, cursor=None, batch_size=3)
+
+    assert last.records == []
+    assert last.checkpoint is not None
+    assert last.checkpoint.watermark is None  # the engine sets an unordered source's
+    [(name, entry)] = last.checkpoint.cursor["files"].items()  # type: ignore[index]
+    assert name == "a.jsonl"
+    assert entry[-1] == 4
+
+
+def test_an_unchanged_file_older_than_since_is_skipped_unread(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "a.jsonl", [resource(n) for n in range(4)])
+    src = source(tmp_path, "a.jsonl")
+    *_, last = src.read(since=None, cursor=None, batch_size=10)
+    far_future = datetime(2100, 1, 1, tzinfo=UTC)
+
+    again = list(src.read(since=far_future, cursor=last.checkpoint.cursor, batch_size=10))  # type: ignore[union-attr]
+
+    assert sum(b.skipped for b in again) == 4
+    assert not any(b.records for b in again)
+
+
+def test_a_changed_file_is_read_again(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "a.jsonl", [resource(n) for n in range(4)])
+    src = source(tmp_path, "a.jsonl")
+    *_, last = src.read(since=None, cursor=None, batch_size=10)
+    write_jsonl(tmp_path / "a.jsonl", [resource(n) for n in range(5)])
+    far_future = datetime(2100, 1, 1, tzinfo=UTC)
+
+    again = list(src.read(since=far_future, cursor=last.checkpoint.cursor, batch_size=10))  # type: ignore[union-attr]
+
+    assert sum(len(b.records) for b in again) == 5
 
 
 def test_input_without_records_yields_no_batch(tmp_path: Path) -> None:
@@ -600,3 +639,15 @@ def test_memory_stays_flat_as_the_input_grows(tmp_path: Path) -> None:
     large = _peak_while_reading(tmp_path / "c80000.jsonl")
 
     assert large < 1.5 * small, (small, large)
+
+
+def test_an_unchanged_file_with_records_at_the_lower_bound_is_read_again(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "a.jsonl", [resource(n) for n in range(4)])
+    src = source(tmp_path, "a.jsonl")
+    *_, last = src.read(since=None, cursor=None, batch_size=10)
+    at_the_bound = datetime(2024, 5, 1, 10, 0, tzinfo=UTC)  # the records' own updated_at
+
+    again = list(src.read(since=at_the_bound, cursor=last.checkpoint.cursor, batch_size=10))  # type: ignore[union-attr]
+
+    assert sum(len(b.records) for b in again) == 4
+    assert sum(b.skipped for b in again) == 0

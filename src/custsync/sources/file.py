@@ -8,6 +8,7 @@ import contextlib
 import csv
 import glob
 import gzip
+import hashlib
 import io
 import os
 import re
@@ -26,8 +27,8 @@ import orjson
 from pydantic import Field, field_validator
 
 from custsync.errors import ConfigError, SourceError
-from custsync.model import REDACTED, SECRET_KEYS, from_flat, iter_records
-from custsync.sources.base import RawRecord, SourceBatch, SourceSettings
+from custsync.model import REDACTED, SECRET_KEYS, from_flat, iter_records, parse_timestamp
+from custsync.sources.base import Checkpoint, RawRecord, SourceBatch, SourceSettings
 
 Format = Literal["csv", "json", "jsonl", "parquet"]
 
@@ -158,7 +159,8 @@ class FileSource:
         # Every file is matched, opened and given a format before the first batch, so a bad
         # glob or an unknown suffix stops the run before anything is read.
         plans = [self._plan(path) for path in self.files()]
-        batches = self._batches(plans, batch_size)
+        known = (cursor or {}).get("files") if since is not None else None
+        batches = self._batches(plans, batch_size, since, known if isinstance(known, dict) else {})
         self._reads.add(batches)
         return batches
 
@@ -220,22 +222,48 @@ class FileSource:
 
     # --- reading ------------------------------------------------------------------------
 
-    def _batches(self, plans: list[_Plan], batch_size: int) -> Generator[SourceBatch, None, None]:
+    def _batches(
+        self,
+        plans: list[_Plan],
+        batch_size: int,
+        since: datetime | None,
+        known: Mapping[str, Any],
+    ) -> Generator[SourceBatch, None, None]:
         # Batches run across file boundaries: a glob of many small files still gives full
         # batches. A file's notes ride on the batch that holds its first record.
         records: list[RawRecord] = []
         notes: list[str] = []
+        seen: dict[str, list[Any]] = {}
+        skipped = 0
         for plan in plans:
+            fingerprint = _fingerprint(plan.path)
+            entry = known.get(plan.name)
+            if _older_and_unchanged(entry, fingerprint, since):
+                # The file is exactly as a completed run read it, and its newest record is
+                # older than the lower bound: every record in it would be skipped, so they
+                # are counted as skipped without reading it.
+                assert isinstance(entry, list)
+                seen[plan.name] = entry
+                skipped += int(entry[-1])
+                continue
+            count, newest = 0, None
             for item in self._items(plan, batch_size):
                 if isinstance(item, _Note):
                     notes.append(item.text)
                     continue
+                count += 1
+                newest = _newest(newest, item, raw=self._raw_rows)
                 records.append(item)
                 if len(records) >= batch_size:
-                    yield SourceBatch(records=records, notes=notes)
-                    records, notes = [], []
-        if records:
-            yield SourceBatch(records=records, notes=notes)
+                    yield SourceBatch(records=records, notes=notes, skipped=skipped)
+                    records, notes, skipped = [], [], 0
+            if isinstance(newest, datetime):
+                seen[plan.name] = [*fingerprint, newest.isoformat(), count]
+        if records or skipped:
+            yield SourceBatch(records=records, notes=notes, skipped=skipped)
+        # The whole input was read: what each file held, for the next run to skip files
+        # that have not changed. The watermark is the engine's to set (unordered source).
+        yield SourceBatch([], checkpoint=Checkpoint(None, {"files": seen}))
 
     def _items(self, plan: _Plan, batch_size: int) -> Iterator[_Item]:
         readers: dict[Format, Callable[[_Plan, int], Iterator[_Item]]] = {
@@ -509,6 +537,44 @@ class _Utf8Reader:
 
     def __exit__(self, *exc: object) -> None:
         self._text.close()
+
+
+_SAMPLE = 65_536
+_UNSKIPPABLE = "unskippable"  # a record without a time, or unreadable: always read the file
+
+
+def _newest(current: datetime | str | None, item: RawRecord, *, raw: bool) -> datetime | str | None:
+    if current == _UNSKIPPABLE or raw or item.error is not None:
+        return _UNSKIPPABLE  # raw rows have no Commerce Layer updated_at to go by
+    stamp = parse_timestamp(item.data.get("updated_at"))
+    if stamp is None:
+        return _UNSKIPPABLE
+    return stamp if current is None or stamp > current else current  # type: ignore[operator]
+
+
+def _older_and_unchanged(entry: Any, fingerprint: list[Any], since: datetime | None) -> bool:
+    if since is None or not isinstance(entry, list) or len(entry) != 5:
+        return False
+    if entry[:3] != fingerprint:
+        return False
+    try:
+        newest = datetime.fromisoformat(entry[3])
+    except (TypeError, ValueError):
+        return False
+    return newest < since
+
+
+def _fingerprint(path: Path) -> list[Any]:
+    """Size, modification time, and a hash of the file's first and last 64 KiB: enough to
+    tell a file is the one a run read, without reading it whole."""
+    stat = path.stat()
+    digest = hashlib.blake2b(digest_size=16)
+    with path.open("rb") as f:
+        digest.update(f.read(_SAMPLE))
+        if stat.st_size > 2 * _SAMPLE:
+            f.seek(-_SAMPLE, os.SEEK_END)
+        digest.update(f.read(_SAMPLE))
+    return [stat.st_size, stat.st_mtime_ns, digest.hexdigest()]
 
 
 def _csv_row(header: list[str], cells: list[str]) -> dict[str, str] | None:
