@@ -169,6 +169,8 @@ class Run:
     gap_median_s: float | None
     gap_p95_s: float | None
     gap_max_s: float | None
+    first_page_s: float | None  # from the process's start to the first list page
+    after_last_page_s: float | None  # from the last list page to the process's end
     fake_busy_s: float  # time the fake spent answering, its lock held
     fake_busy: dict[str, list[float]]
     load_before: float
@@ -264,6 +266,7 @@ def run_sync(
     exports_before = len(fake.exports)
     fake.reset_busy()
     load_before = load_average()
+    launched = time.monotonic()  # the fake stamps requests with the same clock
     wall, rss, code, stdout = run_process(
         [str(CUSTSYNC), "sync", str(job), "--json", "--no-progress"],
         cwd=folder,
@@ -271,6 +274,7 @@ def run_sync(
         timeout=timeout,
         env=child_env(fake),
     )
+    ended = time.monotonic()
     load_after = load_average()
     summary = last_json_line(stdout)
     rows, ids = count_rows(folder / "target.db")
@@ -302,6 +306,8 @@ def run_sync(
         gap_median_s=statistics.median(gaps) if gaps else None,
         gap_p95_s=_quantile(gaps, 0.95),
         gap_max_s=max(gaps) if gaps else None,
+        first_page_s=pages[0] - launched if pages else None,
+        after_last_page_s=ended - pages[-1] if pages else None,
         fake_busy_s=round(sum(v[0] for v in fake.busy.values()), 3),
         fake_busy=busy,
         load_before=load_before,
@@ -428,8 +434,9 @@ def steady_table(runs: Sequence[Run]) -> list[str]:
 def profile_table(runs: Sequence[Run]) -> list[str]:
     lines = [
         "| mode | Pacer's planned rate | list pages | gap between pages: median / p95 / max "
-        "| planned gap | fake's own time per page | process peak RSS |",
-        "| --- | ---: | ---: | --- | ---: | ---: | ---: |",
+        "| planned gap | start to first page | last page to end | fake's own time per page "
+        "| process peak RSS |",
+        "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for run in runs:
         rate, margin = planned_rate(run.mode)
@@ -440,6 +447,7 @@ def profile_table(runs: Sequence[Run]) -> list[str]:
             f"margin {margin:g}) | {run.list_pages} "
             f"| {_f(run.gap_median_s, '.3f')} / {_f(run.gap_p95_s, '.3f')} / "
             f"{_f(run.gap_max_s, '.3f')} s | {PAGE / rate:.3f} s "
+            f"| {_f(run.first_page_s)} s | {_f(run.after_last_page_s)} s "
             f"| {_f(per_page * 1000 if per_page else None, '.0f')} ms "
             f"| {run.peak_rss_mb:.0f} MB |"
         )
@@ -453,7 +461,7 @@ def list_rate(steady_runs: Sequence[Run], mode: str) -> Run | None:
 def backfill_table(runs: Sequence[Run], steady_runs: Sequence[Run], mode: str) -> list[str]:
     lines = [
         "| how | N | wall | records/s | list API's time ÷ this | requests | 429s | exports "
-        "| fake's own time | peak RSS | exit | table |",
+        "| fake's own time (share of wall) | peak RSS | exit | table |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     base = list_rate(steady_runs, mode)
@@ -464,6 +472,7 @@ def backfill_table(runs: Sequence[Run], steady_runs: Sequence[Run], mode: str) -
             f"| Exports, {run.in_flight} in flight, {run.mode} | {run.n:,} | {run.wall_s:.1f} s "
             f"| {run.per_s:,.0f} | {_f(list_time / run.wall_s if list_time else None, '.1f')}x "
             f"| {run.requests} | {run.throttled} | {run.exports} | {run.fake_busy_s:.1f} s "
+            f"({run.fake_busy_s / run.wall_s:.0%}) "
             f"| {run.peak_rss_mb:.0f} MB | {run.exit_code} | {run.rows:,} rows, {run.ids:,} ids |"
         )
     if base and base.sustained_per_s and list_time:
@@ -669,9 +678,57 @@ def write_report(
                 for r in backfill_runs
             ),
             "",
+            "The fake builds an export's file (a scan, a sort and gzip of its records) in "
+            "whichever request first finds it due: a poll, or the creation of another "
+            "export, which looks at all of them; so with several in flight that work shows "
+            "under `export create`.",
+            "",
         ]
+    notes = reading_notes(steady_runs, backfill_runs)
+    if notes:
+        lines += ["## Reading the numbers", "", *notes, ""]
     lines += [f"Raw measurements: `{info['log']}` (one `run.json` and the logs per run).", ""]
     path.write_text("\n".join(lines), encoding="utf-8")
+
+
+def reading_notes(steady_runs: Sequence[Run], backfill_runs: Sequence[Run]) -> list[str]:
+    """What the figures say about where the time went, from the figures themselves."""
+    notes = []
+    for run in steady_runs:
+        if not run.ok or not run.sustained_per_s:
+            continue
+        rate, margin = planned_rate(run.mode)
+        top = ceiling(run.mode)
+        who = (
+            "so the pacing, not the client's own work, sets the rate"
+            if run.sustained_per_s >= 0.98 * rate
+            else "so the client fell short of its own plan: it was not ready to send on time"
+        )
+        notes.append(
+            f"- Steady, {run.mode}: the client's Pacer plans {rate:.1f}/s, {rate / top:.1%} "
+            f"of the ceiling (each limit x {margin:g}); the fake saw "
+            f"{run.sustained_per_s:.1f}/s ({run.sustained_per_s / rate:.1%} of the plan), "
+            f"{who} (the slowest gap between pages was {_f(run.gap_max_s, '.3f')} s against "
+            f"{PAGE / rate:.3f} s planned). End to end, {run.per_s / top:.1%}: start-up "
+            f"(process, token, window probe) took {_f(run.first_page_s)} s before the "
+            f"first page and {_f(run.after_last_page_s)} s followed the last one, "
+            f"{_f((run.first_page_s or 0) + (run.after_last_page_s or 0))} s of "
+            f"{run.wall_s:.1f} s."
+        )
+    bound = [r for r in backfill_runs if r.ok and r.fake_busy_s > 0.5 * r.wall_s]
+    if bound:
+        shares = ", ".join(
+            f"{r.fake_busy_s / r.wall_s:.0%} with {r.in_flight} in flight" for r in bound
+        )
+        notes.append(
+            f"- Backfill: the fake's own time was {shares} of the wall time. Its lock "
+            "serialises that work (every list request and export scans all the customers), "
+            "so there the backfill is bound by the fake, not by custsync or the export "
+            "delay, and comparisons between in-flight counts measure the fake as much as "
+            "custsync; the real API's exports take longer than this model's and its list "
+            "requests do not scan."
+        )
+    return notes
 
 
 def _probe_cost(runs: Sequence[Run]) -> str:

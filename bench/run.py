@@ -717,9 +717,11 @@ def write_report(
             "## The trap: dlt without its two settings",
             "",
             "dlt as a user first writes it: no primary key on the table "
-            "(`create_primary_keys` left off, so the merge's DELETE ... WHERE EXISTS scans the "
-            'table) and its own tie deduplication on (`dlt.sources.incremental("updated_at")` '
-            "without `primary_key=()`). Reported, not compared against.",
+            "(`create_primary_keys` left off: on SQLite the merge's `DELETE ... WHERE EXISTS` "
+            "from the staging table then scans the table for every staged row, where "
+            "PostgreSQL's planner hash-joins) and its own tie deduplication on "
+            '(`dlt.sources.incremental("updated_at")` without `primary_key=()`). Reported, not '
+            "compared against.",
             "",
             "| target | N | scenario | wall | peak RSS | vs dlt best | runs |",
             "| --- | ---: | --- | ---: | ---: | ---: | ---: |",

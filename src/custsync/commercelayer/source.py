@@ -201,6 +201,10 @@ class CommerceLayerSource:
             )
             end = self.client.server_time or datetime.now(UTC)
             total = (probe.get("meta") or {}).get("record_count")
+            first = (probe.get("data") or [{}])[0]
+            self.client.learn_mode(
+                (first.get("meta") or {}).get("mode")
+            )  # pace the first page right
             log.info(
                 "reading customers updated %s .. %s (about %s)",
                 _iso(start) if start else "ever",
