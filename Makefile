@@ -37,8 +37,18 @@ integration: $(STAMP)
 test: lint types
 	$(BIN)/pytest -q
 
-bench: $(STAMP)
-	$(BIN)/python bench/run.py
+BENCH_VENV := bench/.venv-dlt
+BENCH_ARGS ?=
+
+# dlt lives only in the benchmark's own environment: never a dependency of custsync.
+$(BENCH_VENV)/.installed: bench/requirements-dlt.txt
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install --quiet -r bench/requirements-dlt.txt
+	touch $@
+
+# Side-by-side benchmarks (issue 4), never part of `make test`; BENCH_ARGS=--quick for a smoke pass.
+bench: $(STAMP) $(BENCH_VENV)/.installed
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) demo/demo.db* demo/.custsync .pytest_cache .mypy_cache .ruff_cache
