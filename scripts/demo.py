@@ -13,7 +13,7 @@ CUSTSYNC = [sys.executable, "-m", "custsync.cli"]
 
 
 def run(*args: str) -> None:
-    print(f"\n$ custsync {' '.join(args)}", flush=True)
+    print(f"\n$ custsync {' '.join(a for a in args if a != '-q')}", flush=True)
     completed = subprocess.run([*CUSTSYNC, *args], cwd=DEMO, check=False)
     if completed.returncode != 0:
         sys.exit(f"demo: custsync exited {completed.returncode}")
@@ -29,10 +29,11 @@ def main() -> None:
     print("of the API's list documents. demo/job.toml maps them with the erp_customer preset")
     print("into the table `customers` of demo/demo.db (SQLite), keyed by customer_no.")
 
-    run("sync", "job.toml", "--no-progress")
-    print("\nThe second run reads the same file: every record is older than the watermark the")
-    print("first run recorded (less the 5-minute lookback), so nothing is written.")
-    run("sync", "job.toml", "--no-progress")
+    run("-q", "sync", "job.toml", "--no-progress")
+    print("\nThe second run reads the same file. Records older than the watermark the first run")
+    print("recorded (less the 5-minute lookback) are skipped; the few inside the lookback are")
+    print("read again and found unchanged. Nothing is written.")
+    run("-q", "sync", "job.toml", "--no-progress")
 
     with sqlite3.connect(DEMO / "demo.db") as db:
         total = db.execute("SELECT count(*) FROM customers").fetchone()[0]
