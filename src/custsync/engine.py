@@ -320,7 +320,9 @@ class _Run:
             paths = self.config.mapping.source_paths()
             if self.config.writeback is not None:
                 paths = {*paths, "id", self.config.writeback.field}
-                if not self.dry_run:
+                if not self.dry_run and self.replay is None:
+                    # A replay reads a rejects file, not the API: there is nothing to
+                    # write back through (the next regular run does it).
                     self.writeback = self._writeback_for(source)
             if isinstance(source, Projectable) and self.config.inbound is None:
                 source.project(paths)
