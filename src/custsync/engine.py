@@ -486,7 +486,9 @@ class _Run:
                     reject("validate", raw.origin, mapped, data)
                     continue
                 data = mapped
-            ts = parse_timestamp(data.get("updated_at"))
+                ts = parse_timestamp(data.get("updated_at"))
+            else:
+                ts = raw.stamp or parse_timestamp(data.get("updated_at"))
             if ts is not None:
                 if self.max_seen is None or ts > self.max_seen:
                     self.max_seen = ts

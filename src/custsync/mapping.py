@@ -162,18 +162,27 @@ _SECRET_KEY_BYTES = re.compile(
 )
 
 
+# orjson refuses (TypeError) anything but plain JSON types under these options: what it
+# accepts needs no conversion, so the value itself is the row's value.
+_PLAIN_JSON = (
+    orjson.OPT_PASSTHROUGH_DATETIME
+    | orjson.OPT_PASSTHROUGH_DATACLASS
+    | orjson.OPT_PASSTHROUGH_SUBCLASS
+)
+
+
 def _coerce_json(value: Any) -> Any:
     if not isinstance(value, dict | list):
         return _to_jsonable(value)
-    # The common case in C: one round trip through orjson gives plain JSON types, and a
-    # scan of the bytes says whether a secret-named key needs the slow, filtering walk.
+    # The common case in C: orjson checks the value holds plain JSON types only, and a
+    # scan of its bytes says whether a secret-named key needs the slow, filtering walk.
     try:
-        blob = orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS | orjson.OPT_UTC_Z)
+        blob = orjson.dumps(value, option=_PLAIN_JSON)
     except TypeError:
         return _to_jsonable(value)
     if _SECRET_KEY_BYTES.search(blob):
         return _to_jsonable(value)
-    return orjson.loads(blob)
+    return value
 
 
 @dataclass(frozen=True, slots=True)

@@ -291,7 +291,29 @@ def test_a_changed_file_is_read_again(tmp_path: Path) -> None:
 
     again = list(src.read(since=far_future, cursor=last.checkpoint.cursor, batch_size=10))  # type: ignore[union-attr]
 
-    assert sum(len(b.records) for b in again) == 5
+    # Read, not taken from the cursor: the new entry counts the fifth record.
+    assert sum(b.skipped for b in again) == 5
+    entry = again[-1].checkpoint.cursor["files"]["a.jsonl"]  # type: ignore[union-attr, index]
+    assert entry[-1] == 5
+
+
+def test_records_older_than_since_are_counted_skipped_not_handed_on(tmp_path: Path) -> None:
+    old = {"updated_at": "2024-05-01T10:00:00.000Z"}
+    new = {"updated_at": "2024-05-03T10:00:00.000Z"}
+    page = {"data": [resource(0, **old), resource(1, **new), resource(2, **old)]}
+    flat = {"id": "cus3", "email": "x@example.com", **old}
+    write_jsonl(tmp_path / "a.jsonl", [page, resource(4, **new), flat, resource(5, updated_at=None)])
+    since = datetime(2024, 5, 2, tzinfo=UTC)
+
+    batches = list(source(tmp_path, "a.jsonl").read(since=since, cursor=None, batch_size=10))
+
+    records = [r for b in batches for r in b.records]
+    assert [r.origin for r in records] == ["a.jsonl:1#1", "a.jsonl:2", "a.jsonl:4"]
+    assert records[0].stamp == datetime(2024, 5, 3, 10, tzinfo=UTC)
+    assert records[2].stamp is None  # no updated_at: handed on, validation decides
+    assert sum(b.skipped for b in batches) == 3
+    # A record without a time makes the file one a later run must always read.
+    assert "a.jsonl" not in batches[-1].checkpoint.cursor["files"]  # type: ignore[union-attr, index]
 
 
 def test_input_without_records_yields_no_batch(tmp_path: Path) -> None:

@@ -24,6 +24,9 @@ class RawRecord:
     # Set when the record could not even be parsed (a malformed JSON line, a CSV row with
     # too many cells); ``data`` then holds ``{"_raw": <the text>}`` for the rejects file.
     error: str | None = None
+    # ``data["updated_at"]`` already parsed (aware, UTC) by a source that had to read it,
+    # so the engine does not parse it again. Never set on raw rows (no inbound mapping ran).
+    stamp: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
