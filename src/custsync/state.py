@@ -22,7 +22,6 @@ from types import TracebackType
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import mysql, postgresql
 from sqlalchemy.engine import URL, Connection, Dialect, Engine
 from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
 from sqlalchemy.types import TypeDecorator, TypeEngine
@@ -120,8 +119,12 @@ class _UtcDateTime(TypeDecorator[datetime]):
         if dialect.name == "sqlite":
             return dialect.type_descriptor(sa.String(27))
         if dialect.name == "postgresql":
+            from sqlalchemy.dialects import postgresql
+
             return dialect.type_descriptor(postgresql.TIMESTAMP(timezone=True))
         if dialect.name in ("mysql", "mariadb"):
+            from sqlalchemy.dialects import mysql
+
             return dialect.type_descriptor(mysql.DATETIME(fsp=6))
         return dialect.type_descriptor(sa.DateTime())
 
@@ -154,10 +157,6 @@ _state = sa.Table(
     sa.Column("watermark", _UtcDateTime(), nullable=True),
     sa.Column("cursor_json", sa.Text(), nullable=True),
     sa.Column("updated_at", _UtcDateTime(), nullable=False),
-    # utf8mb4_bin on MySQL/MariaDB: job names are case-sensitive identifiers, and the
-    # default *_ci collations would make "ERP" and "erp" the same primary key.
-    mysql_charset="utf8mb4",
-    mysql_collate="utf8mb4_bin",
 )
 
 _runs = sa.Table(
@@ -176,8 +175,6 @@ _runs = sa.Table(
     sa.Column("watermark_after", _UtcDateTime(), nullable=True),
     sa.Column("error", sa.Text(), nullable=True),
     sa.Index("ix_custsync_runs_job_started", "job", "started_at"),
-    mysql_charset="utf8mb4",
-    mysql_collate="utf8mb4_bin",
 )
 
 _EXTRAS = {"postgresql": "postgres", "mysql": "mysql", "mariadb": "mysql"}
@@ -510,6 +507,13 @@ class StateStore:
                         raise
 
     def _create_tables(self) -> None:
+        if self._engine.dialect.name in ("mysql", "mariadb"):
+            # utf8mb4_bin on MySQL/MariaDB: job names are case-sensitive identifiers, and
+            # the default *_ci collations would make "ERP" and "erp" the same primary key.
+            # Set here, not in the definitions: naming a dialect's options loads it, and a
+            # run on SQLite should not pay for importing MySQL's dialect.
+            for table in (_state, _runs):
+                table.dialect_kwargs.update(mysql_charset="utf8mb4", mysql_collate="utf8mb4_bin")
         with self._failures("create its tables"):
             try:
                 _metadata.create_all(self._engine)

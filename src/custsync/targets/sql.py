@@ -11,6 +11,7 @@ savepoints and reported FAILED with the database's message; the rest commits.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,7 +20,6 @@ from typing import Any, Literal
 import orjson
 import sqlalchemy as sa
 from pydantic import Field
-from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.engine import Connection, Dialect, Engine
 from sqlalchemy.exc import (
     ArgumentError,
@@ -75,9 +75,9 @@ class UtcTimestamp(sa.types.TypeDecorator[datetime]):
 
     def load_dialect_impl(self, dialect: Dialect) -> sa.types.TypeEngine[Any]:
         if dialect.name == "postgresql":
-            return dialect.type_descriptor(postgresql.TIMESTAMP(timezone=True))
+            return dialect.type_descriptor(_dialect("postgresql").TIMESTAMP(timezone=True))
         if dialect.name in ("mysql", "mariadb"):
-            return dialect.type_descriptor(mysql.DATETIME(fsp=6))
+            return dialect.type_descriptor(_dialect("mysql").DATETIME(fsp=6))
         if dialect.name == "sqlite":
             return dialect.type_descriptor(sa.Text())
         return dialect.type_descriptor(sa.DateTime(timezone=True))
@@ -105,24 +105,33 @@ class UtcTimestamp(sa.types.TypeDecorator[datetime]):
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
+def _dialect(name: str) -> Any:
+    """A SQLAlchemy dialect's module, imported when a run first needs it: importing them
+    all costs a run on SQLite a tenth of a second before it reads anything."""
+    return importlib.import_module(f"sqlalchemy.dialects.{name}")
+
+
 def _column_type(
-    column: ColumnSpec, *, key: bool, key_collation: str = "utf8mb4_bin"
+    column: ColumnSpec, *, key: bool, dialect: str, key_collation: str = "utf8mb4_bin"
 ) -> sa.types.TypeEngine[Any]:
+    mysql_like = dialect in ("mysql", "mariadb")
     if key and column.type == "text":
         # Keys are compared exactly: a binary, no-pad collation on MariaDB/MySQL, where the
         # default would make "A@x.com" and "a@x.com" (or "abc" and "abc ") the same key.
         # Keys are normalised by the mapping, never by a collation.
         length = column.length or 255
-        return sa.String(length).with_variant(
-            mysql.VARCHAR(length, charset="utf8mb4", collation=key_collation), "mysql", "mariadb"
-        )
+        if mysql_like:
+            return _dialect("mysql").VARCHAR(length, charset="utf8mb4", collation=key_collation)  # type: ignore[no-any-return]
+        return sa.String(length)
+    if column.type == "json" and dialect == "postgresql":
+        return _dialect("postgresql").JSONB()  # type: ignore[no-any-return]
     kinds: dict[FieldType, sa.types.TypeEngine[Any]] = {
         "text": sa.Text(),
         "integer": sa.BigInteger(),
         "float": sa.Float(),
         "boolean": sa.Boolean(),
         "timestamp": UtcTimestamp(),
-        "json": sa.JSON().with_variant(postgresql.JSONB(), "postgresql"),
+        "json": sa.JSON(),
     }
     return kinds[column.type]
 
@@ -335,7 +344,12 @@ class SqlTarget:
         columns = [
             sa.Column(
                 c.name,
-                _column_type(c, key=c.name in schema.key, key_collation=self._key_collation()),
+                _column_type(
+                    c,
+                    key=c.name in schema.key,
+                    dialect=self.dialect,
+                    key_collation=self._key_collation(),
+                ),
                 nullable=c.nullable and c.name not in schema.key,
             )
             for c in schema.columns
@@ -446,7 +460,9 @@ class SqlTarget:
         )
         with self.engine.begin() as conn:
             for column in columns:
-                sa_type = _column_type(column, key=False).compile(dialect=dialect)
+                sa_type = _column_type(column, key=False, dialect=self.dialect).compile(
+                    dialect=dialect
+                )
                 quoted = preparer.quote(column.name)
                 conn.exec_driver_sql(f"ALTER TABLE {table_sql} ADD COLUMN {quoted} {sa_type}")
 
@@ -473,8 +489,7 @@ class SqlTarget:
         if schema.match_policy == "create_only":
             updatable = []
         if self.dialect in ("postgresql", "sqlite"):
-            module: Any = postgresql if self.dialect == "postgresql" else sqlite
-            stmt = module.insert(table)
+            stmt = _dialect(self.dialect).insert(table)
             if not updatable:
                 return stmt.on_conflict_do_nothing(index_elements=list(schema.key))
             where = None
@@ -487,7 +502,7 @@ class SqlTarget:
                 where=where,
             )
         if self.dialect in ("mysql", "mariadb"):
-            stmt = mysql.insert(table)
+            stmt = _dialect("mysql").insert(table)
             if not updatable:
                 first = schema.key[0]
                 return stmt.on_duplicate_key_update([(first, table.c[first])])
