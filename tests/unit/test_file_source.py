@@ -673,3 +673,24 @@ def test_an_unchanged_file_with_records_at_the_lower_bound_is_read_again(tmp_pat
 
     assert sum(len(b.records) for b in again) == 4
     assert sum(b.skipped for b in again) == 0
+
+
+def test_a_jsonl_line_that_is_not_utf8_is_read_as_windows_1252(tmp_path: Path) -> None:
+    # The encoding is judged on the first MiB; a later line in another encoding is decoded
+    # on its own rather than lost.
+    filler = [resource(n, note="x" * 400) for n in range(3000)]  # over a MiB of UTF-8
+    late = orjson.dumps(resource(9999, email="rene@example.com")).replace(b"rene", b"ren\xe9")
+    bad = b'{"data": [\n'
+    path = tmp_path / "mixed.jsonl"
+    path.write_bytes(b"".join(orjson.dumps(v) + b"\n" for v in filler) + late + b"\n" + bad)
+    src = source(tmp_path, "mixed.jsonl")
+
+    batches = list(src.read(since=None, cursor=None, batch_size=5000))
+
+    records = [r for b in batches for r in b.records]
+    assert records[3000].data["email"] == "ren\u00e9@example.com"
+    assert records[3001].error is not None and records[3001].origin == "mixed.jsonl:3002"
+    assert [n for b in batches for n in b.notes] == [
+        "mixed.jsonl: encoding detected as utf-8",
+        "mixed.jsonl: line 3001 is not UTF-8: lines like it are read as windows-1252",
+    ]

@@ -320,10 +320,14 @@ class FileSource:
             raise SourceError(f"cannot read {plan.name}: {reason}") from exc
 
     def _jsonl(self, plan: _Plan, batch_size: int, since: datetime | None) -> Iterator[_Item]:
-        encoding = yield from self._encoding(plan)
+        # JSON Lines is UTF-8 by definition: the encoding is judged on the first MiB only,
+        # and a later line that is not UTF-8 is decoded on its own (below), so the whole
+        # file is not read twice.
+        encoding = yield from self._encoding(plan, sample_only=True)
         if codecs.lookup(encoding).name in ("utf-8", "utf-8-sig"):
             # orjson parses UTF-8 bytes more than twice as fast as str, and the text never
             # needs decoding: the lines go straight from the file to the parser.
+            not_utf8 = 0
             with self._open_binary(plan) as stream:
                 for line_no, line in enumerate(stream, 1):
                     if line_no == 1 and line.startswith(codecs.BOM_UTF8):
@@ -334,8 +338,21 @@ class FileSource:
                     try:
                         value = orjson.loads(line)
                     except orjson.JSONDecodeError as exc:
-                        yield _bad(_raw_text(None, line), location, _json_reason(exc))
-                        continue
+                        text = _legacy_text(line)
+                        if text is None:
+                            yield _bad(_raw_text(None, line), location, _json_reason(exc))
+                            continue
+                        not_utf8 += 1
+                        if not_utf8 == 1:
+                            yield _Note(
+                                f"{plan.name}: line {line_no} is not UTF-8: lines like it are "
+                                "read as windows-1252"
+                            )
+                        try:
+                            value = orjson.loads(text)
+                        except orjson.JSONDecodeError as again:
+                            yield _bad(text.rstrip("\r\n"), location, _json_reason(again))
+                            continue
                     yield from self._from_value(value, location, raw=line, since=since)
             return
         with self._open_text(plan, encoding) as text:
@@ -521,8 +538,9 @@ class FileSource:
         # newline="" hands line breaks inside quoted CSV cells to the csv module untouched.
         return io.TextIOWrapper(self._open_binary(plan), encoding=encoding, newline="")
 
-    def _encoding(self, plan: _Plan) -> Generator[_Note, None, str]:
-        """The codec to read a text file with; yields a note when it had to be guessed."""
+    def _encoding(self, plan: _Plan, *, sample_only: bool = False) -> Generator[_Note, None, str]:
+        """The codec to read a text file with; yields a note when it had to be guessed.
+        ``sample_only``: UTF-8 when the first MiB is (the reader copes with later lines)."""
         declared = self.settings.encoding
         with self._open_binary(plan) as raw:
             head = raw.read(4)
@@ -545,6 +563,9 @@ class FileSource:
                         is_utf8 = False
                 if in_cp1252 and _CP1252_UNDEFINED.search(chunk):
                     in_cp1252 = False
+                if sample_only and is_utf8:
+                    utf8.reset()  # the sample is UTF-8; one cut off at its end is no error
+                    break
                 chunk = raw.read(_DETECT_CHUNK)
         if is_utf8:
             try:
@@ -731,6 +752,16 @@ def _masked_row(header: list[str], cells: list[str], delimiter: str) -> str:
 
 def _bad(raw: str, origin: str, reason: str) -> RawRecord:
     return RawRecord(data={"_raw": raw[:_RAW_LIMIT]}, origin=origin, error=reason)
+
+
+def _legacy_text(line: bytes) -> str | None:
+    """A line that is not UTF-8, decoded as Windows-1252 (Latin-1 when it holds a byte
+    Windows-1252 leaves undefined); None when the line is UTF-8 (its JSON is what fails)."""
+    try:
+        line.decode("utf-8")
+    except UnicodeDecodeError:
+        return line.decode("latin-1" if _CP1252_UNDEFINED.search(line) else "cp1252")
+    return None
 
 
 def _raw_text(value: Any, raw: str | bytes | None) -> str:
