@@ -338,8 +338,8 @@ class FileSource:
                     try:
                         value = orjson.loads(line)
                     except orjson.JSONDecodeError as exc:
-                        text = _legacy_text(line)
-                        if text is None:
+                        decoded = _legacy_text(line)
+                        if decoded is None:
                             yield _bad(_raw_text(None, line), location, _json_reason(exc))
                             continue
                         not_utf8 += 1
@@ -349,9 +349,9 @@ class FileSource:
                                 "read as windows-1252"
                             )
                         try:
-                            value = orjson.loads(text)
+                            value = orjson.loads(decoded)
                         except orjson.JSONDecodeError as again:
-                            yield _bad(text.rstrip("\r\n"), location, _json_reason(again))
+                            yield _bad(decoded.rstrip("\r\n"), location, _json_reason(again))
                             continue
                     yield from self._from_value(value, location, raw=line, since=since)
             return

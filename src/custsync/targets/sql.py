@@ -7,10 +7,16 @@ decide per row (inserted, updated, unchanged, stale), write only what changes, c
 Knowing the stored rows first gives exact outcomes on every dialect (MariaDB cannot say
 per row) and makes no-op runs cheap. A refused row is isolated by bisection inside
 savepoints and reported FAILED with the database's message; the rest commits.
+
+On PostgreSQL a batch of any size goes in with ``COPY`` into a temporary staging table
+and one ``INSERT ... SELECT ... ON CONFLICT``: several times less work for the server and
+the driver than a row-by-row upsert. When the database refuses that statement, the batch
+takes the row-by-row path, where bisection finds the refused rows.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
@@ -44,6 +50,7 @@ from custsync.targets.base import (
 
 # Bound parameters per SELECT ... IN: well under every dialect's limit.
 _IN_CHUNK = 500
+_COPY_MIN_ROWS = 50  # below this a COPY's extra statements cost more than they save
 _DRIVERS = {
     "postgresql": ("postgresql+psycopg", "psycopg", "PostgreSQL", "postgres"),
     "postgres": ("postgresql+psycopg", "psycopg", "PostgreSQL", "postgres"),
@@ -166,6 +173,64 @@ class _DriverStatement:
 
     def parameters(self, rows: Sequence[Row]) -> list[Any]:
         return self._build(rows)
+
+
+class _PgCopy:
+    """PostgreSQL's bulk path: ``COPY`` a batch into a temporary table shaped like the
+    target's mapped columns, then one ``INSERT ... SELECT ... ON CONFLICT`` moves it in.
+    The staging table lives in the session and is emptied at every commit."""
+
+    def __init__(self, target: SqlTarget, table: sa.Table, schema: RowSchema) -> None:
+        dialect = target.engine.dialect
+        quote = dialect.identifier_preparer.quote
+        names = [c.name for c in schema.columns]
+        qualified = dialect.identifier_preparer.format_table(table)
+        stage = "custsync_stage_" + hashlib.blake2b(qualified.encode(), digest_size=6).hexdigest()
+        columns = ", ".join(quote(n) for n in names)
+        self.create = (
+            f"CREATE TEMPORARY TABLE IF NOT EXISTS {stage} ON COMMIT DELETE ROWS AS "
+            f"SELECT {columns} FROM {qualified} WITH NO DATA"
+        )
+        self.copy = f"COPY {stage} ({columns}) FROM STDIN"
+        staged = sa.Table(stage, sa.MetaData(), *[sa.Column(n) for n in names])
+        select = sa.select(*[staged.c[n] for n in names])
+        upsert = target._upsert_statement(table, schema, source=select)
+        self.insert: str = upsert.compile(dialect=dialect).string
+        kinds = {c.name: c.type for c in schema.columns}
+        json_columns = {n for n in names if kinds[n] == "json"}
+        namespace: dict[str, Any] = {
+            "dumps": orjson.dumps,
+            "utc": _utc,
+            "OPT": orjson.OPT_NON_STR_KEYS,
+        }
+        values = []
+        for n in names:
+            get = f"r.get({n!r})"
+            if n in json_columns:
+                get = f"(None if (v := {get}) is None else dumps(v, option=OPT).decode())"
+            elif kinds[n] == "timestamp":
+                get = f"(None if (v := {get}) is None else utc(v))"
+            values.append(get)
+        exec(f"def build(rows):\n    return [({', '.join(values)},) for r in rows]", namespace)
+        self._build: Callable[[Sequence[Row]], list[tuple[Any, ...]]] = namespace["build"]
+
+    def write(self, conn: Connection, rows: Sequence[Row]) -> bool:
+        """True when the batch is in; False when PostgreSQL refused it (nothing of it is
+        left behind: it ran in a savepoint), so the row-by-row path takes over."""
+        import psycopg
+
+        raw = conn.connection.driver_connection
+        assert raw is not None
+        try:
+            with conn.begin_nested(), raw.cursor() as cursor:
+                cursor.execute(self.create)
+                with cursor.copy(self.copy) as copy:
+                    for values in self._build(rows):
+                        copy.write_row(values)
+                cursor.execute(self.insert)
+        except (psycopg.DataError, psycopg.IntegrityError, psycopg.errors.CardinalityViolation):
+            return False
+        return True
 
 
 def _utc(value: datetime) -> datetime:
@@ -297,6 +362,7 @@ class SqlTarget:
         self._table: sa.Table | None = None
         self._exists = False
         self._upsert: Any = None
+        self._copy: _PgCopy | None = None
 
     def __repr__(self) -> str:
         return f"SqlTarget({safe_url(self.engine)}, table={self.settings.table!r})"
@@ -338,6 +404,8 @@ class SqlTarget:
         self._upsert = _DriverStatement(
             self._upsert_statement(self._table, schema), self.engine.dialect, schema
         )
+        if self.dialect == "postgresql":
+            self._copy = _PgCopy(self, self._table, schema)
         return notes
 
     def _build_table(self, schema: RowSchema, *, for_create: bool = False) -> sa.Table:
@@ -483,13 +551,17 @@ class SqlTarget:
 
     # --- statements -------------------------------------------------------------------
 
-    def _upsert_statement(self, table: sa.Table, schema: RowSchema) -> Any:
+    def _upsert_statement(self, table: sa.Table, schema: RowSchema, source: Any = None) -> Any:
+        """The dialect's upsert of one row's values, or of ``source``'s rows (a SELECT of
+        every mapped column, in order) where the dialect is PostgreSQL or SQLite."""
         key = set(schema.key)
         updatable = [c.name for c in schema.columns if c.name not in key]
         if schema.match_policy == "create_only":
             updatable = []
         if self.dialect in ("postgresql", "sqlite"):
             stmt = _dialect(self.dialect).insert(table)
+            if source is not None:
+                stmt = stmt.from_select([c.name for c in schema.columns], source)
             if not updatable:
                 return stmt.on_conflict_do_nothing(index_elements=list(schema.key))
             where = None
@@ -610,6 +682,8 @@ class SqlTarget:
         lock: bool,
     ) -> dict[Key, Row]:
         keys = [schema.key_of(r) for r in rows]
+        if self.dialect == "postgresql" and len(schema.key) == 1:
+            return self._stored_pg(conn, table, schema.key[0], keys, lock=lock)
         key_cols = [table.c[k] for k in schema.key]
         out: dict[Key, Row] = {}
         for start in range(0, len(keys), _IN_CHUNK):
@@ -622,6 +696,23 @@ class SqlTarget:
             for stored in conn.execute(query).mappings():
                 out[tuple(stored[k] for k in schema.key)] = dict(stored)
         return out
+
+    def _stored_pg(
+        self, conn: Connection, table: sa.Table, key: str, keys: Sequence[Key], *, lock: bool
+    ) -> dict[Key, Row]:
+        """The batch's stored rows in one statement, ``key = ANY(array)``: PostgreSQL plans
+        one array parameter in a fraction of the time of a long IN list. psycopg hands back
+        the values SQLAlchemy would (aware datetimes, decoded JSON)."""
+        preparer = self.engine.dialect.identifier_preparer
+        names = [c.name for c in table.columns if self._present is None or c.name in self._present]
+        sql = (
+            f"SELECT {', '.join(preparer.quote(n) for n in names)} "
+            f"FROM {preparer.format_table(table)} "
+            f"WHERE {preparer.quote(key)} = ANY(%(keys)s)" + (" FOR UPDATE" if lock else "")
+        )
+        where = names.index(key)
+        found = conn.exec_driver_sql(sql, {"keys": [k[0] for k in keys]})
+        return {(row[where],): dict(zip(names, row, strict=True)) for row in found}
 
     def _classify(
         self, schema: RowSchema, rows: Sequence[Row], stored: Mapping[Key, Row]
@@ -657,6 +748,8 @@ class SqlTarget:
     ) -> dict[Key, str]:
         """Write rows in a savepoint; when the database refuses, split the batch in halves
         until the refused rows stand alone, and return their messages by key."""
+        if self._copy is not None and len(rows) >= _COPY_MIN_ROWS and self._copy.write(conn, rows):
+            return {}
         try:
             with conn.begin_nested():
                 conn.exec_driver_sql(self._upsert.sql, self._upsert.parameters(rows))
