@@ -35,7 +35,14 @@ from custsync.errors import (
 from custsync.mapping import RecordFailure, is_empty
 from custsync.model import normalize, parse_timestamp, validate_records
 from custsync.rejects import Reject, RejectsWriter, read_rejects
-from custsync.sources.base import Checkpoint, Projectable, RawRecord, Source, SourceBatch
+from custsync.sources.base import (
+    Checkpoint,
+    LookbackAware,
+    Projectable,
+    RawRecord,
+    Source,
+    SourceBatch,
+)
 from custsync.state import StateStore
 from custsync.targets.base import Outcome, Previewable, RowResult, RowSchema, Target
 
@@ -326,6 +333,8 @@ class _Run:
                     self.writeback = self._writeback_for(source)
             if isinstance(source, Projectable) and self.config.inbound is None:
                 source.project(paths)
+            if isinstance(source, LookbackAware):
+                source.expect_lookback(self.config.sync.lookback)
             target = self.job.make_target()
             self.notes += target.prepare(self.schema, create=not self.dry_run)
             with Ledger(self.config.sync.duplicates, directory=self._scratch()) as ledger:

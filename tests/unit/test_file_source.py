@@ -6,7 +6,7 @@ from __future__ import annotations
 import gzip
 import tracemalloc
 from collections.abc import Iterable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -267,7 +267,7 @@ def test_a_complete_read_ends_with_what_each_file_held(tmp_path: Path) -> None:
     assert last.checkpoint.watermark is None  # the engine sets an unordered source's
     [(name, entry)] = last.checkpoint.cursor["files"].items()  # type: ignore[index]
     assert name == "a.jsonl"
-    assert entry[-1] == 4
+    assert entry[4] == 4
 
 
 def test_an_unchanged_file_older_than_since_is_skipped_unread(tmp_path: Path) -> None:
@@ -294,7 +294,7 @@ def test_a_changed_file_is_read_again(tmp_path: Path) -> None:
     # Read, not taken from the cursor: the new entry counts the fifth record.
     assert sum(b.skipped for b in again) == 5
     entry = again[-1].checkpoint.cursor["files"]["a.jsonl"]  # type: ignore[union-attr, index]
-    assert entry[-1] == 5
+    assert entry[4] == 5
 
 
 def test_records_older_than_since_are_counted_skipped_not_handed_on(tmp_path: Path) -> None:
@@ -641,6 +641,7 @@ def test_close_closes_a_half_consumed_read(tmp_path: Path) -> None:
 
 def _peak_while_reading(path: Path) -> int:
     src = source(path.parent, path.name)
+    src.expect_lookback(timedelta(minutes=5))  # as the engine does: lines are noted
     tracemalloc.start()
     try:
         for _batch in src.read(since=None, cursor=None, batch_size=500):
@@ -651,10 +652,15 @@ def _peak_while_reading(path: Path) -> int:
 
 
 def test_memory_stays_flat_as_the_input_grows(tmp_path: Path) -> None:
+    start = datetime(2024, 5, 1, tzinfo=UTC)
     for count in (20_000, 80_000):
         with (tmp_path / f"c{count}.jsonl").open("wb") as f:
             for n in range(count):
-                f.write(orjson.dumps(resource(n, group="g1", metadata={"n": n})) + b"\n")
+                # A record a second, plus a tie of 30,000 at the end of the large file
+                stamp = start + timedelta(seconds=min(n, 50_000))
+                updated = stamp.isoformat().replace("+00:00", "Z")
+                record = resource(n, group="g1", metadata={"n": n}, updated_at=updated)
+                f.write(orjson.dumps(record) + b"\n")
     _peak_while_reading(tmp_path / "c20000.jsonl")  # warm caches before measuring
 
     small = _peak_while_reading(tmp_path / "c20000.jsonl")
@@ -694,3 +700,83 @@ def test_a_jsonl_line_that_is_not_utf8_is_read_as_windows_1252(tmp_path: Path) -
         "mixed.jsonl: encoding detected as utf-8",
         "mixed.jsonl: line 3001 is not UTF-8: lines like it are read as windows-1252",
     ]
+
+
+def _mixed_lines(tmp_path: Path) -> Path:
+    """JSON Lines of every kind: pages mixing old and recent records, single resources,
+    flat records, a malformed line, a record without updated_at, blank lines."""
+
+    def at(hour: int) -> dict[str, Any]:
+        return {"updated_at": f"2024-05-01T{hour:02d}:00:00.000Z"}
+
+    lines: list[bytes] = []
+    n = 0
+    for page in range(40):
+        hours = [1 + (page * 7 + k) % 9 for k in range(5)]  # 01:00 .. 09:00
+        docs = [resource(n + k, **at(h)) for k, h in enumerate(hours)]
+        n += 5
+        lines.append(orjson.dumps({"data": docs}))
+        if page % 9 == 0:
+            lines.append(orjson.dumps(resource(1000 + page, **at(2 + page % 8))))
+            lines.append(b"")
+        if page % 13 == 0:
+            lines.append(orjson.dumps({"id": f"flat{page}", "email": "f@example.com", **at(9)}))
+    lines.insert(7, b'{"data": [')  # malformed
+    lines.insert(20, orjson.dumps(resource(5000, updated_at=None)))
+    path = tmp_path / "mixed.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path
+
+
+def _summary(batches: list[SourceBatch]) -> tuple[list[str], list[str | None], int, list[str]]:
+    records = [r for b in batches for r in b.records]
+    return (
+        [r.origin for r in records],
+        [r.error for r in records],
+        sum(b.skipped for b in batches),
+        [n for b in batches for n in b.notes],
+    )
+
+
+def test_an_unchanged_file_is_read_again_only_where_recent_records_lie(tmp_path: Path) -> None:
+    _mixed_lines(tmp_path)
+    src = source(tmp_path, "mixed.jsonl")
+    src.expect_lookback(timedelta(hours=2))
+    *_, last = src.read(since=None, cursor=None, batch_size=50)
+    cursor = last.checkpoint.cursor  # type: ignore[union-attr]
+    entry = cursor["files"]["mixed.jsonl"]  # type: ignore[index]
+    noted = entry[5]["hot"]
+    total_lines = len((tmp_path / "mixed.jsonl").read_bytes().splitlines())
+    assert 0 < len(noted) // 2 < total_lines  # only some lines are noted
+
+    # The next run's lower bound is newest - lookback (09:00 - 2h) or later.
+    for since in (datetime(2024, 5, 1, 7, tzinfo=UTC), datetime(2024, 5, 1, 8, 30, tzinfo=UTC)):
+        indexed = list(src.read(since=since, cursor=cursor, batch_size=50))
+        whole = list(source(tmp_path, "mixed.jsonl").read(since=since, cursor=None, batch_size=50))
+
+        assert _summary(indexed) == _summary(whole)
+        assert indexed[-1].checkpoint.cursor["files"]["mixed.jsonl"] == entry  # type: ignore[union-attr, index]
+    # The malformed line and the record without a time are read again, so rejected again.
+    errors = [e for e in _summary(indexed)[1] if e is not None]
+    assert len(errors) == 1
+    assert "mixed.jsonl:21" in _summary(indexed)[0]
+
+
+def test_a_lower_bound_before_the_noted_one_reads_the_whole_file(tmp_path: Path) -> None:
+    path = _mixed_lines(tmp_path)
+    src = source(tmp_path, "mixed.jsonl")
+    src.expect_lookback(timedelta(hours=2))
+    *_, last = src.read(since=None, cursor=None, batch_size=50)
+    cursor = last.checkpoint.cursor  # type: ignore[union-attr]
+    early = datetime(2024, 5, 1, 3, tzinfo=UTC)  # before 09:00 - 2h
+
+    indexed = list(src.read(since=early, cursor=cursor, batch_size=50))
+    whole = list(source(tmp_path, "mixed.jsonl").read(since=early, cursor=None, batch_size=50))
+    assert _summary(indexed) == _summary(whole)
+
+    # A file changed since (here: one byte more) is read whole too.
+    path.write_bytes(path.read_bytes() + b"\n")
+    since = datetime(2024, 5, 1, 8, tzinfo=UTC)
+    changed = list(src.read(since=since, cursor=cursor, batch_size=50))
+    whole = list(source(tmp_path, "mixed.jsonl").read(since=since, cursor=None, batch_size=50))
+    assert _summary(changed) == _summary(whole)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict
@@ -96,6 +96,15 @@ class Projectable(Protocol):
     The engine calls ``project`` once, before ``read``, with the mapping's source paths."""
 
     def project(self, paths: Collection[str]) -> None: ...
+
+
+@runtime_checkable
+class LookbackAware(Protocol):
+    """A source that keeps, for its next read, where the records within ``lookback`` of
+    its newest lie (an unchanged file is then re-read only there). The engine calls
+    ``expect_lookback`` once, before ``read``, with the job's lookback."""
+
+    def expect_lookback(self, lookback: timedelta) -> None: ...
 
 
 @runtime_checkable

@@ -18,7 +18,7 @@ import weakref
 import zlib
 from collections.abc import Callable, Generator, Iterator, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Literal, Self
@@ -118,7 +118,15 @@ class _Skip:
     newest: datetime
 
 
-_Item = RawRecord | _Note | _Skip
+@dataclass(frozen=True, slots=True)
+class _Line:
+    """The next items come from the line at this byte offset (JSON Lines read as bytes)."""
+
+    offset: int
+    number: int
+
+
+_Item = RawRecord | _Note | _Skip | _Line
 
 
 class FileSource:
@@ -132,12 +140,16 @@ class FileSource:
         self.settings = settings
         self._base = Path(os.path.abspath(base_dir))
         self._raw_rows = settings.mapping is not None
+        self._lookback: timedelta | None = None
         self._reads: weakref.WeakSet[Generator[SourceBatch, None, None]] = weakref.WeakSet()
 
     def __repr__(self) -> str:
         return f"FileSource(path={self.settings.path!r}, base_dir={str(self._base)!r})"
 
     # --- the Source protocol ------------------------------------------------------------
+
+    def expect_lookback(self, lookback: timedelta) -> None:
+        self._lookback = lookback
 
     def files(self) -> list[Path]:
         """The files the path or glob matches, sorted; SourceError when there is none."""
@@ -260,30 +272,51 @@ class FileSource:
                 # are counted as skipped without reading it.
                 assert isinstance(entry, list)
                 seen[plan.name] = entry
-                skipped += int(entry[-1])
+                skipped += int(entry[4])
                 continue
+            hot = _hot_lines(entry, fingerprint, since)
+            if hot is not None:
+                # Unchanged, and its records at or after the lower bound all lie on lines
+                # the last read noted: those lines are read again, the rest counted skipped.
+                assert isinstance(entry, list)
+                seen[plan.name] = entry
+                skipped += int(entry[5]["cold"])
+                items = self._jsonl(plan, batch_size, since, lines=hot)
+            else:
+                items = self._items(plan, batch_size, since)
             count = 0
-            newest: datetime | str | None = None
-            for item in self._items(plan, batch_size, since):
+            newest: datetime | None = None  # the newest record with a time
+            timeless = False  # a record without one: the file is never skipped whole
+            noting = _LineNotes(self._lookback) if self._lookback and hot is None else None
+            line: list[Any] = [0, 0, 0, None]  # [offset, number, records, newest]
+            for item in items:
+                if isinstance(item, _Line):
+                    line = [item.offset, item.number, 0, None]
+                    if noting is not None:
+                        noting.add(line, newest)
+                    continue
                 if isinstance(item, _Note):
                     notes.append(item.text)
                     continue
                 if isinstance(item, _Skip):
                     count += item.count
                     skipped += item.count
-                    if newest is None or (isinstance(newest, datetime) and item.newest > newest):
-                        newest = item.newest
+                    line[2] += item.count
+                    line[3] = _later(line[3], item.newest)
+                    newest = _later(newest, item.newest)
                     continue
                 count += 1
+                line[2] += 1
                 if self._raw_rows or item.error is not None:
-                    newest = _UNSKIPPABLE  # raw rows have no Commerce Layer updated_at to go by
+                    # Raw rows have no Commerce Layer updated_at to go by.
+                    timeless, line[3] = True, _UNSKIPPABLE
                 else:
                     stamp = parse_timestamp(item.data.get("updated_at"))
                     if stamp is None:
-                        newest = _UNSKIPPABLE
+                        timeless, line[3] = True, _UNSKIPPABLE
                     else:
-                        if newest is None or (isinstance(newest, datetime) and stamp > newest):
-                            newest = stamp
+                        line[3] = _later(line[3], stamp)
+                        newest = _later(newest, stamp)
                         if since is not None and stamp < since:
                             skipped += 1
                             continue
@@ -292,8 +325,11 @@ class FileSource:
                 if len(records) >= batch_size or skipped >= _SKIPS_PER_BATCH:
                     yield SourceBatch(records=records, notes=notes, skipped=skipped)
                     records, notes, skipped = [], [], 0
-            if isinstance(newest, datetime):
-                seen[plan.name] = [*fingerprint, newest.isoformat(), count]
+            if hot is None:
+                index = noting.index(newest, count) if noting is not None else None
+                made = _entry(fingerprint, newest, timeless, count, index)
+                if made is not None:
+                    seen[plan.name] = made
         if records or skipped:
             yield SourceBatch(records=records, notes=notes, skipped=skipped)
         # The whole input was read: what each file held, for the next run to skip files
@@ -319,41 +355,39 @@ class FileSource:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             raise SourceError(f"cannot read {plan.name}: {reason}") from exc
 
-    def _jsonl(self, plan: _Plan, batch_size: int, since: datetime | None) -> Iterator[_Item]:
+    def _jsonl(
+        self,
+        plan: _Plan,
+        batch_size: int,
+        since: datetime | None,
+        *,
+        lines: list[int] | None = None,
+    ) -> Iterator[_Item]:
+        """``lines``: only the lines at these offsets (flat pairs of offset and number)."""
         # JSON Lines is UTF-8 by definition: the encoding is judged on the first MiB only,
         # and a later line that is not UTF-8 is decoded on its own (below), so the whole
         # file is not read twice.
         encoding = yield from self._encoding(plan, sample_only=True)
         if codecs.lookup(encoding).name in ("utf-8", "utf-8-sig"):
             # orjson parses UTF-8 bytes more than twice as fast as str, and the text never
-            # needs decoding: the lines go straight from the file to the parser.
-            not_utf8 = 0
+            # needs decoding: the lines go straight from the file to the parser. Each
+            # line's offset goes first, so the next run can come back to it.
+            mark = not plan.gzipped
             with self._open_binary(plan) as stream:
+                noted: list[int] = []  # lines not UTF-8 (the first gets a note)
+                if lines is not None:
+                    for at in range(0, len(lines) - 1, 2):
+                        stream.seek(lines[at])
+                        yield _Line(lines[at], lines[at + 1])
+                        line = stream.readline()
+                        yield from self._json_line(plan, line, lines[at + 1], since, noted)
+                    return
+                offset = 0
                 for line_no, line in enumerate(stream, 1):
-                    if line_no == 1 and line.startswith(codecs.BOM_UTF8):
-                        line = line[len(codecs.BOM_UTF8) :]
-                    if line.isspace() or not line:
-                        continue
-                    location = f"{plan.name}:{line_no}"
-                    try:
-                        value = orjson.loads(line)
-                    except orjson.JSONDecodeError as exc:
-                        decoded = _legacy_text(line)
-                        if decoded is None:
-                            yield _bad(_raw_text(None, line), location, _json_reason(exc))
-                            continue
-                        not_utf8 += 1
-                        if not_utf8 == 1:
-                            yield _Note(
-                                f"{plan.name}: line {line_no} is not UTF-8: lines like it are "
-                                "read as windows-1252"
-                            )
-                        try:
-                            value = orjson.loads(decoded)
-                        except orjson.JSONDecodeError as again:
-                            yield _bad(decoded.rstrip("\r\n"), location, _json_reason(again))
-                            continue
-                    yield from self._from_value(value, location, raw=line, since=since)
+                    if mark:
+                        yield _Line(offset, line_no)
+                        offset += len(line)
+                    yield from self._json_line(plan, line, line_no, since, noted)
             return
         with self._open_text(plan, encoding) as text:
             for line_no, text_line in enumerate(text, 1):
@@ -367,6 +401,34 @@ class FileSource:
                     continue
                 raw = text_line.rstrip("\r\n")
                 yield from self._from_value(value, location, raw=raw, since=since)
+
+    def _json_line(
+        self, plan: _Plan, line: bytes, line_no: int, since: datetime | None, noted: list[int]
+    ) -> Iterator[_Item]:
+        if line_no == 1 and line.startswith(codecs.BOM_UTF8):
+            line = line[len(codecs.BOM_UTF8) :]
+        if line.isspace() or not line:
+            return
+        location = f"{plan.name}:{line_no}"
+        try:
+            value = orjson.loads(line)
+        except orjson.JSONDecodeError as exc:
+            decoded = _legacy_text(line)
+            if decoded is None:
+                yield _bad(_raw_text(None, line), location, _json_reason(exc))
+                return
+            noted.append(line_no)
+            if len(noted) == 1:
+                yield _Note(
+                    f"{plan.name}: line {line_no} is not UTF-8: lines like it are read as "
+                    "windows-1252"
+                )
+            try:
+                value = orjson.loads(decoded)
+            except orjson.JSONDecodeError as again:
+                yield _bad(decoded.rstrip("\r\n"), location, _json_reason(again))
+                return
+        yield from self._from_value(value, location, raw=line, since=since)
 
     def _json(self, plan: _Plan, batch_size: int, since: datetime | None) -> Iterator[_Item]:
         encoding = yield from self._encoding(plan)
@@ -668,16 +730,104 @@ def _document(
             yield RawRecord(data=from_resource(resource, included), origin=origin)
 
 
+def _later(current: Any, stamp: datetime) -> Any:
+    """The later of a newest-so-far (None, a datetime, or _UNSKIPPABLE, which sticks)."""
+    if current is None or (isinstance(current, datetime) and stamp > current):
+        return stamp
+    return current
+
+
+_HOT_LIMIT = 20_000  # lines noted for the next read at most; beyond, it reads the file
+
+
+class _LineNotes:
+    """The lines of one JSON Lines file that may hold a record within ``lookback`` of its
+    newest, or one without a time. Memory stays small: a line older than the newest so
+    far minus the lookback can only be older than the final bound, so it is dropped as
+    the read goes, and past ``_HOT_LIMIT`` lines the file gets no notes at all."""
+
+    def __init__(self, lookback: timedelta) -> None:
+        self.lookback = lookback
+        self.kept: list[list[Any]] | None = []
+        self.bound = _HOT_LIMIT
+
+    def add(self, line: list[Any], newest: datetime | None) -> None:
+        """Note a line about to be read (filled in as its records come)."""
+        kept = self.kept
+        if kept is None:
+            return
+        if kept and self._cold(kept[-1], newest):
+            kept.pop()  # the line before, now complete, is already out of the window
+        kept.append(line)
+        if len(kept) > self.bound:
+            kept[:] = [noted for noted in kept if not self._cold(noted, newest)]
+            if len(kept) > _HOT_LIMIT:
+                self.kept = None  # too many recent lines (a bulk import's tie): read it all
+            self.bound = max(_HOT_LIMIT, 2 * len(kept))
+
+    def _cold(self, line: list[Any], newest: datetime | None) -> bool:
+        if line[2] == 0:
+            return True  # no record: nothing to read again
+        stamp = line[3]
+        return isinstance(stamp, datetime) and newest is not None and stamp < newest - self.lookback
+
+    def index(self, newest: datetime | None, count: int) -> dict[str, Any] | None:
+        if self.kept is None or newest is None:
+            return None
+        hot = [line for line in self.kept if not self._cold(line, newest)]
+        if len(hot) > _HOT_LIMIT:
+            return None
+        return {
+            "below": (newest - self.lookback).isoformat(),
+            "cold": count - sum(line[2] for line in hot),
+            "hot": [n for line in hot for n in line[:2]],
+        }
+
+
+def _entry(
+    fingerprint: list[Any],
+    newest: datetime | None,
+    timeless: bool,
+    count: int,
+    index: dict[str, Any] | None,
+) -> list[Any] | None:
+    """What the cursor keeps of a file read whole: [size, mtime, hash, newest, records,
+    lines]. ``newest`` is None when a record has no time (the file is never skipped whole).
+    ``lines`` (JSON Lines only) notes the lines holding a record within the lookback of the
+    newest, or one without a time: the next run's lower bound is at least the newest minus
+    the lookback, so every other line would be skipped whole."""
+    if newest is None or (timeless and index is None):
+        return None
+    return [*fingerprint, None if timeless else newest.isoformat(), count, index]
+
+
 def _older_and_unchanged(entry: Any, fingerprint: list[Any], since: datetime | None) -> bool:
-    if since is None or not isinstance(entry, list) or len(entry) != 5:
+    if since is None or not isinstance(entry, list) or len(entry) not in (5, 6):
         return False
-    if entry[:3] != fingerprint:
+    if entry[:3] != fingerprint or entry[3] is None:
         return False
     try:
         newest = datetime.fromisoformat(entry[3])
     except (TypeError, ValueError):
         return False
     return newest < since
+
+
+def _hot_lines(entry: Any, fingerprint: list[Any], since: datetime | None) -> list[int] | None:
+    """The lines an unchanged file must be read at for ``since``, or None (read it all)."""
+    if since is None or not isinstance(entry, list) or len(entry) != 6 or entry[:3] != fingerprint:
+        return None
+    index = entry[5]
+    if not isinstance(index, dict) or not isinstance(index.get("hot"), list):
+        return None
+    try:
+        below = datetime.fromisoformat(index["below"]) if index.get("below") else None
+    except (TypeError, ValueError):
+        return None
+    if below is None or since < below:
+        return None  # records older than the noted bound may count: read the file
+    hot = index["hot"]
+    return hot if all(isinstance(n, int) for n in hot) else None
 
 
 def _fingerprint(path: Path) -> list[Any]:
