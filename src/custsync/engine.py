@@ -511,8 +511,11 @@ class _Run:
         candidates: list[Candidate] = []
         validated = validate_records([data for _, data in live])
         mapping, key_columns = self.config.mapping, self.schema.key
+        apply_one = mapping.apply_one
+        single_key = key_columns[0] if len(key_columns) == 1 else None
         for (raw, data), customer in zip(live, validated, strict=True):
-            source_id = _source_id(data, raw.origin)
+            identifier = data.get("id")
+            source_id = str(identifier) if identifier not in (None, "") else raw.origin
             if isinstance(customer, list):
                 reject("validate", source_id, customer, data)
                 continue
@@ -532,10 +535,26 @@ class _Run:
                 )
                 continue
             try:
-                row = mapping.apply_one(customer)
+                row = apply_one(customer)
             except RecordFailure as failure:
                 reject("map", source_id, failure.errors, data)
                 continue
+            if single_key is not None:
+                value = row.get(single_key)
+                if (
+                    value.__class__ is str
+                    and value
+                    and not value[0].isspace()
+                    and not value[-1].isspace()
+                ):
+                    # The common case: a clean text key, nothing to convert or strip.
+                    self.seq += 1
+                    candidates.append(
+                        Candidate(
+                            (value,), customer.get("updated_at"), self.seq, source_id, data, row
+                        )
+                    )
+                    continue
             missing = []
             for column in key_columns:
                 value = row.get(column)
@@ -609,12 +628,19 @@ class _Run:
             results = target.write(rows)
         by_key = {r.key: r for r in results}
         counts = self.counts
+        tally: Counter[Outcome] = Counter()
+        unseated_by_key = resolution.unseated
         committed: list[Candidate] = []
         for candidate in winners:
             result = by_key.get(candidate.key)
             if result is None:
                 result = RowResult(candidate.key, Outcome.FAILED, "the target reported nothing")
             outcome = result.outcome
+            if outcome is not Outcome.FAILED and not unseated_by_key:
+                tally[outcome] += 1  # the common case: a key new to this run, written
+                candidate.outcome = _OUTCOME_TEXT[outcome]
+                committed.append(candidate)
+                continue
             if outcome is Outcome.FAILED:
                 reject(
                     "load",
@@ -649,9 +675,11 @@ class _Run:
                 )
                 if previous is Outcome.INSERTED and outcome in (Outcome.UPDATED, Outcome.UNCHANGED):
                     outcome = Outcome.INSERTED  # the key is new to the target in this run
-            counts[outcome.value] += 1
+            tally[outcome] += 1
             candidate.outcome = outcome.value
             committed.append(candidate)
+        for outcome, n in tally.items():
+            counts[outcome.value] += n
         for rewrite in resolution.rewrites:
             if by_key.get(rewrite.key, RowResult(rewrite.key, Outcome.FAILED)).outcome is not (
                 Outcome.FAILED
@@ -692,17 +720,15 @@ class _Run:
                 )
 
 
+_OUTCOME_TEXT = {outcome: outcome.value for outcome in Outcome}
+
+
 def _key_text(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, datetime):
         return _iso(value) or ""
     return str(value)
-
-
-def _source_id(data: Mapping[str, Any], origin: str) -> str:
-    identifier = data.get("id")
-    return str(identifier) if identifier not in (None, "") else origin
 
 
 def _paths_of(mapping: Any, column: str) -> str:

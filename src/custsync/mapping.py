@@ -673,7 +673,7 @@ def _generate(mapping: CompiledMapping) -> Callable[[dict[str, Any]], dict[str, 
     record (a dict): field-by-field closures cost a call and a loop step per field. Plain
     fields are inlined; the rest call their compiled closure. Any exception sends the
     record down the field-by-field path, which names the failing field."""
-    namespace: dict[str, Any] = {"E": {}}
+    namespace: dict[str, Any] = {"E": {}, "datetime": datetime}
     lines = ["def fast(r):"]
     names = []
     for i, compiled in enumerate(mapping.fields):
@@ -699,10 +699,19 @@ def _generate(mapping: CompiledMapping) -> Callable[[dict[str, Any]], dict[str, 
             else:
                 lines.append(f"    if v{i} is None or v{i} == '': v{i} = {expr}")
         lines.append(f"    if v{i} is None or v{i} == '': v{i} = d{i}")
-        if compiled.type == "text":
-            lines.append(
-                f"    if v{i} is not None and v{i}.__class__ is not str: v{i} = c{i}(v{i})"
-            )
+        # Values already of the column's type skip the call (the coercions leave them as
+        # they are): a validated record is mostly such values.
+        already = {
+            "text": f"v{i}.__class__ is str",
+            "integer": f"v{i}.__class__ is int",
+            "float": f"v{i}.__class__ is float",
+            "boolean": f"v{i}.__class__ is bool",
+            # aware, at UTC (a zero offset is falsy)
+            "timestamp": f"(v{i}.__class__ is datetime and v{i}.tzinfo is not None "
+            f"and not v{i}.utcoffset())",
+        }.get(compiled.type)
+        if already is not None:
+            lines.append(f"    if v{i} is not None and not {already}: v{i} = c{i}(v{i})")
         else:
             lines.append(f"    v{i} = c{i}(v{i})")
     lines.append(f"    return {{{', '.join(names)}}}")

@@ -59,7 +59,10 @@ class RowSchema:
         raise KeyError(name)
 
     def key_of(self, row: Row) -> Key:
-        return tuple(row[k] for k in self.key)
+        key = self.key
+        if len(key) == 1:
+            return (row[key[0]],)  # the common case, several times cheaper than a genexpr
+        return tuple([row[k] for k in key])
 
 
 @runtime_checkable
