@@ -20,12 +20,14 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PlainValidator,
     SecretStr,
     StringConstraints,
     TypeAdapter,
     ValidationError,
     with_config,
 )
+from pydantic_core import PydanticCustomError
 from typing_extensions import TypedDict
 
 from custsync.errors import FieldError
@@ -147,20 +149,54 @@ _batch_adapter: TypeAdapter[list[Customer]] = TypeAdapter(list[Customer])
 # The same schema as plain dicts, for the engine's hot path: pydantic validates into dicts
 # well over half again as fast as into models, and the mapping reads dicts as easily. A
 # unit test holds the two definitions to the same fields and the same verdicts.
+# The to-one relationship, ``links`` and ``meta`` are checked field by field in place
+# rather than copied into new dicts: a third of the validation's time otherwise. Errors name
+# the nested field (``meta.mode``) as pydantic would; ``field_errors`` reads it back.
+def _nested_error(field: str, message: str) -> PydanticCustomError:
+    return PydanticCustomError("custsync_nested", message, {"field": field})
+
+
+def _checked_object(value: Any, text_fields: tuple[str, ...]) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        if not isinstance(value, Mapping):
+            raise PydanticCustomError("dict_type", "Input should be a valid dictionary")
+        value = dict(value)
+    for name in text_fields:
+        item = value.get(name)
+        if item is None or isinstance(item, str):
+            continue
+        if isinstance(item, bytes | bytearray):
+            try:
+                value = {**value, name: bytes(item).decode("utf-8")}
+                continue
+            except UnicodeDecodeError:
+                pass
+        raise _nested_error(name, "Input should be a valid string")
+    return cast(dict[str, Any], value)
+
+
+def _check_related(value: Any) -> dict[str, Any] | None:
+    return _checked_object(value, ("id", "type"))
+
+
+def _check_links(value: Any) -> dict[str, Any] | None:
+    return _checked_object(value, ("self",))
+
+
+def _check_meta(value: Any) -> dict[str, Any] | None:
+    checked = _checked_object(value, ())
+    mode = checked.get("mode") if checked is not None else None
+    if mode is not None and mode not in ("test", "live"):
+        raise _nested_error("mode", "Input should be 'test' or 'live'")
+    return checked
+
+
 @with_config(ConfigDict(extra="allow"))
 class RelatedRecord(TypedDict, total=False):
     id: str | None
     type: str | None
-
-
-@with_config(ConfigDict(extra="allow"))
-class LinksRecord(TypedDict, total=False):
-    self: str | None
-
-
-@with_config(ConfigDict(extra="allow"))
-class MetaRecord(TypedDict, total=False):
-    mode: Mode | None
 
 
 @with_config(ConfigDict(extra="allow", hide_input_in_errors=True))
@@ -182,7 +218,7 @@ class CustomerRecord(TypedDict, total=False):
     reference: str | None
     reference_origin: str | None
     metadata: dict[str, Any] | None
-    customer_group: RelatedRecord | None
+    customer_group: Annotated[dict[str, Any] | None, PlainValidator(_check_related)]
     customer_addresses: list[RelatedRecord] | None
     customer_payment_sources: list[RelatedRecord] | None
     customer_subscriptions: list[RelatedRecord] | None
@@ -193,8 +229,8 @@ class CustomerRecord(TypedDict, total=False):
     attachments: list[RelatedRecord] | None
     events: list[RelatedRecord] | None
     tags: list[RelatedRecord] | None
-    links: LinksRecord | None
-    meta: MetaRecord | None
+    links: Annotated[dict[str, Any] | None, PlainValidator(_check_links)]
+    meta: Annotated[dict[str, Any] | None, PlainValidator(_check_meta)]
 
 
 _record_adapter: TypeAdapter[list[CustomerRecord]] = TypeAdapter(list[CustomerRecord])
@@ -244,6 +280,8 @@ def field_errors(exc: ValidationError) -> list[FieldError]:
     errors = []
     for error in exc.errors(include_input=False, include_url=False):
         loc = ".".join(str(part) for part in error["loc"]) or "record"
+        if error["type"] == "custsync_nested":
+            loc = f"{loc}.{error['ctx']['field']}"
         errors.append(FieldError(loc, error["msg"]))
     return errors
 

@@ -302,7 +302,9 @@ def test_records_older_than_since_are_counted_skipped_not_handed_on(tmp_path: Pa
     new = {"updated_at": "2024-05-03T10:00:00.000Z"}
     page = {"data": [resource(0, **old), resource(1, **new), resource(2, **old)]}
     flat = {"id": "cus3", "email": "x@example.com", **old}
-    write_jsonl(tmp_path / "a.jsonl", [page, resource(4, **new), flat, resource(5, updated_at=None)])
+    write_jsonl(
+        tmp_path / "a.jsonl", [page, resource(4, **new), flat, resource(5, updated_at=None)]
+    )
     since = datetime(2024, 5, 2, tzinfo=UTC)
 
     batches = list(source(tmp_path, "a.jsonl").read(since=since, cursor=None, batch_size=10))
@@ -695,7 +697,8 @@ def test_a_jsonl_line_that_is_not_utf8_is_read_as_windows_1252(tmp_path: Path) -
 
     records = [r for b in batches for r in b.records]
     assert records[3000].data["email"] == "ren\u00e9@example.com"
-    assert records[3001].error is not None and records[3001].origin == "mixed.jsonl:3002"
+    assert records[3001].error is not None
+    assert records[3001].origin == "mixed.jsonl:3002"
     assert [n for b in batches for n in b.notes] == [
         "mixed.jsonl: encoding detected as utf-8",
         "mixed.jsonl: line 3001 is not UTF-8: lines like it are read as windows-1252",

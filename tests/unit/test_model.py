@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from custsync.model import (
@@ -233,6 +233,7 @@ _records = st.dictionaries(
             "reference",
             "metadata",
             "meta",
+            "links",
             "customer_group",
             "orders",
             "extra",
@@ -240,13 +241,16 @@ _records = st.dictionaries(
     ),
     st.one_of(
         _values,
-        st.dictionaries(st.sampled_from(["mode", "id", "name"]), _values, max_size=2),
+        st.dictionaries(
+            st.sampled_from(["mode", "id", "type", "self", "name"]), _values, max_size=3
+        ),
         st.lists(st.dictionaries(st.sampled_from(["id", "type"]), _values, max_size=2), max_size=2),
     ),
     max_size=6,
 )
 
 
+@settings(max_examples=400)
 @given(_records)
 def test_the_record_schema_and_the_model_agree_on_every_record(record: dict[str, Any]) -> None:
     from custsync.model import validate_records
