@@ -17,6 +17,7 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,6 +33,7 @@ _SPILL_CHUNK = 32
 # updated_at kept as whole microseconds since 1970: exact, so ties stay ties.
 _UNIX = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
+_first = itemgetter(0)
 
 
 @dataclass(slots=True)
@@ -229,6 +231,7 @@ class Ledger:
         self._spill.flush()
         # The connection stays in one transaction for the whole run (sqlite3 opens it at
         # the first INSERT): without a journal, a commit per batch would only cost time.
+        entries.sort(key=_first)  # in key order: each B-tree page is visited once a batch
         self._db.executemany(
             "INSERT OR REPLACE INTO holder VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", entries
         )
