@@ -737,7 +737,7 @@ def _later(current: Any, stamp: datetime) -> Any:
     return current
 
 
-_HOT_LIMIT = 20_000  # lines noted for the next read at most; beyond, it reads the file
+_HOT_LIMIT = 10_000  # lines noted for the next read at most; beyond, it reads the file
 
 
 class _LineNotes:

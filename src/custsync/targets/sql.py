@@ -376,6 +376,7 @@ class SqlTarget:
         self._exists = False
         self._upsert: Any = None
         self._copy: _PgCopy | None = None
+        self._queries: dict[bool, Any] = {}
 
     def __repr__(self) -> str:
         return f"SqlTarget({safe_url(self.engine)}, table={self.settings.table!r})"
@@ -413,6 +414,7 @@ class SqlTarget:
                 f"cannot prepare table {name} on {safe_url(self.engine)}: {_db_message(exc)}"
             ) from exc
         self._exists = exists
+        self._queries = {}
         self._table = self._build_table(schema)
         self._upsert = _DriverStatement(
             self._upsert_statement(self._table, schema), self.engine.dialect, schema
@@ -697,18 +699,30 @@ class SqlTarget:
         keys = [schema.key_of(r) for r in rows]
         if self.dialect == "postgresql" and len(schema.key) == 1:
             return self._stored_pg(conn, table, schema.key[0], keys, lock=lock)
-        key_cols = [table.c[k] for k in schema.key]
+        query = self._stored_query(table, schema, lock=lock)
+        single = len(schema.key) == 1
         out: dict[Key, Row] = {}
         for start in range(0, len(keys), _IN_CHUNK):
             chunk = keys[start : start + _IN_CHUNK]
-            condition = _keys_in(key_cols, chunk)
-            columns = [c for c in table.columns if self._present is None or c.name in self._present]
-            query = sa.select(*columns).where(condition)
-            if lock and self.dialect != "sqlite":
-                query = query.with_for_update()
-            for stored in conn.execute(query).mappings():
+            values = [k[0] for k in chunk] if single else list(chunk)
+            for stored in conn.execute(query, {"keys": values}).mappings():
                 out[tuple(stored[k] for k in schema.key)] = dict(stored)
         return out
+
+    def _stored_query(self, table: sa.Table, schema: RowSchema, *, lock: bool) -> Any:
+        """The pre-read, built once: a statement built per batch leaves reference cycles
+        (SQLAlchemy's bind parameters) holding the batch's keys, which pile up between the
+        collector's rare full passes."""
+        cached = self._queries.get(lock)
+        if cached is None:
+            key_cols = [table.c[k] for k in schema.key]
+            target = key_cols[0] if len(key_cols) == 1 else sa.tuple_(*key_cols)
+            columns = [c for c in table.columns if self._present is None or c.name in self._present]
+            cached = sa.select(*columns).where(target.in_(sa.bindparam("keys", expanding=True)))
+            if lock and self.dialect != "sqlite":
+                cached = cached.with_for_update()
+            self._queries[lock] = cached
+        return cached
 
     def _stored_pg(
         self, conn: Connection, table: sa.Table, key: str, keys: Sequence[Key], *, lock: bool
