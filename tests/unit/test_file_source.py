@@ -783,3 +783,49 @@ def test_a_lower_bound_before_the_noted_one_reads_the_whole_file(tmp_path: Path)
     changed = list(src.read(since=since, cursor=cursor, batch_size=50))
     whole = list(source(tmp_path, "mixed.jsonl").read(since=since, cursor=None, batch_size=50))
     assert _summary(changed) == _summary(whole)
+
+
+@pytest.mark.parametrize("name", ["a.csv", "a.jsonl.gz", "a.json"])
+def test_files_without_line_offsets_are_read_again_whole(tmp_path: Path, name: str) -> None:
+    # Only plain JSON Lines are re-read by line: the others are read whole, as before.
+    old, new = "2024-05-01T08:00:00.000Z", "2024-05-01T10:00:00.000Z"
+    flat = [
+        {"id": f"c{n}", "email": f"u{n}@example.com", "updated_at": old if n % 2 else new}
+        for n in range(6)
+    ]
+    if name.endswith(".csv"):
+        rows = ["id,email,updated_at"] + [f"{r['id']},{r['email']},{r['updated_at']}" for r in flat]
+        (tmp_path / name).write_text("\n".join(rows) + "\n", encoding="utf-8")
+    elif name.endswith(".gz"):
+        gzip_file(tmp_path / name, b"".join(orjson.dumps(r) + b"\n" for r in flat))
+    else:
+        write_json(tmp_path / name, flat)
+    src = source(tmp_path, name)
+    src.expect_lookback(timedelta(minutes=5))
+    *_, last = src.read(since=None, cursor=None, batch_size=50)
+    since = datetime(2024, 5, 1, 9, 55, tzinfo=UTC)  # newest - lookback
+
+    again = list(src.read(since=since, cursor=last.checkpoint.cursor, batch_size=50))  # type: ignore[union-attr]
+
+    assert sum(len(b.records) for b in again) == 3
+    assert sum(b.skipped for b in again) == 3
+
+
+def test_notes_are_not_used_when_the_file_is_then_read_as_text(tmp_path: Path) -> None:
+    # A job that now declares another encoding reads the file whole: the records of the
+    # unnoted lines are not counted twice.
+    _mixed_lines(tmp_path)
+    first = source(tmp_path, "mixed.jsonl")
+    first.expect_lookback(timedelta(hours=2))
+    *_, last = first.read(since=None, cursor=None, batch_size=50)
+    since = datetime(2024, 5, 1, 8, tzinfo=UTC)
+    as_text = source(tmp_path, "mixed.jsonl", encoding="latin-1")
+
+    again = list(as_text.read(since=since, cursor=last.checkpoint.cursor, batch_size=50))  # type: ignore[union-attr]
+    whole = list(
+        source(tmp_path, "mixed.jsonl", encoding="latin-1").read(
+            since=since, cursor=None, batch_size=50
+        )
+    )
+
+    assert _summary(again)[:3] == _summary(whole)[:3]

@@ -126,7 +126,14 @@ class _Line:
     number: int
 
 
-_Item = RawRecord | _Note | _Skip | _Line
+@dataclass(frozen=True, slots=True)
+class _Cold:
+    """Records of an unchanged file's unnoted lines, all older than ``since``: skipped."""
+
+    count: int
+
+
+_Item = RawRecord | _Note | _Skip | _Line | _Cold
 
 
 class FileSource:
@@ -274,14 +281,15 @@ class FileSource:
                 seen[plan.name] = entry
                 skipped += int(entry[4])
                 continue
-            hot = _hot_lines(entry, fingerprint, since)
+            # Only plain JSON Lines are read by line offsets.
+            lined = plan.format == "jsonl" and not plan.gzipped
+            hot = _hot_lines(entry, fingerprint, since) if lined else None
             if hot is not None:
                 # Unchanged, and its records at or after the lower bound all lie on lines
                 # the last read noted: those lines are read again, the rest counted skipped.
                 assert isinstance(entry, list)
                 seen[plan.name] = entry
-                skipped += int(entry[5]["cold"])
-                items = self._jsonl(plan, batch_size, since, lines=hot)
+                items = self._jsonl(plan, batch_size, since, lines=hot, cold=int(entry[5]["cold"]))
             else:
                 items = self._items(plan, batch_size, since)
             count = 0
@@ -297,6 +305,9 @@ class FileSource:
                     continue
                 if isinstance(item, _Note):
                     notes.append(item.text)
+                    continue
+                if isinstance(item, _Cold):
+                    skipped += item.count
                     continue
                 if isinstance(item, _Skip):
                     count += item.count
@@ -362,8 +373,11 @@ class FileSource:
         since: datetime | None,
         *,
         lines: list[int] | None = None,
+        cold: int = 0,
     ) -> Iterator[_Item]:
-        """``lines``: only the lines at these offsets (flat pairs of offset and number)."""
+        """``lines``: only the lines at these offsets (flat pairs of offset and number);
+        the ``cold`` records of the others are counted skipped. Read as text (a declared
+        encoding other than UTF-8), the notes do not apply and the file is read whole."""
         # JSON Lines is UTF-8 by definition: the encoding is judged on the first MiB only,
         # and a later line that is not UTF-8 is decoded on its own (below), so the whole
         # file is not read twice.
@@ -375,7 +389,8 @@ class FileSource:
             mark = not plan.gzipped
             with self._open_binary(plan) as stream:
                 noted: list[int] = []  # lines not UTF-8 (the first gets a note)
-                if lines is not None:
+                if lines is not None and mark:
+                    yield _Cold(cold)
                     for at in range(0, len(lines) - 1, 2):
                         stream.seek(lines[at])
                         yield _Line(lines[at], lines[at + 1])
@@ -750,9 +765,11 @@ class _LineNotes:
         self.lookback = lookback
         self.kept: list[list[Any]] | None = []
         self.bound = _HOT_LIMIT
+        self.marked = False  # the reader gave line offsets (JSON Lines read as bytes)
 
     def add(self, line: list[Any], newest: datetime | None) -> None:
         """Note a line about to be read (filled in as its records come)."""
+        self.marked = True
         kept = self.kept
         if kept is None:
             return
@@ -772,7 +789,8 @@ class _LineNotes:
         return isinstance(stamp, datetime) and newest is not None and stamp < newest - self.lookback
 
     def index(self, newest: datetime | None, count: int) -> dict[str, Any] | None:
-        if self.kept is None or newest is None:
+        # A reader without line offsets (CSV, JSON, gzip, text) leaves nothing to go back to.
+        if self.kept is None or newest is None or not self.marked:
             return None
         hot = [line for line in self.kept if not self._cold(line, newest)]
         if len(hot) > _HOT_LIMIT:
