@@ -536,3 +536,20 @@ def test_an_existing_table_without_the_id_column_is_a_configuration_error(db: Db
         db.target(table, id_column="erp_no").prepare(SCHEMA)
 
     assert error.value.key == "target.id_column"
+
+
+@pytest.mark.postgres
+def test_a_driver_error_in_the_bulk_path_is_a_target_error(pg: Db) -> None:
+    # A staging table of the wrong shape already in the session: COPY fails with an error
+    # that is not a refused row, and it comes out as custsync's TargetError naming it.
+    from custsync.errors import TargetError
+
+    target = pg.prepared()
+    assert target._copy is not None
+    stage = target._copy.copy.split()[1]
+    with target.engine.connect() as conn:  # the pool's one connection: the same session
+        conn.exec_driver_sql(f"CREATE TEMPORARY TABLE {stage} (unrelated integer)")
+        conn.commit()
+
+    with pytest.raises(TargetError, match=r"column .* does not exist"):
+        target.write([row(f"k{n}", updated_at=T0) for n in range(60)])

@@ -230,6 +230,10 @@ class _PgCopy:
                 cursor.execute(self.insert)
         except (psycopg.DataError, psycopg.IntegrityError, psycopg.errors.CardinalityViolation):
             return False
+        except psycopg.Error as exc:
+            # The driver's own error (the connection went away...), said as the row path
+            # would have said it.
+            raise TargetError(f"writing {len(rows)} rows failed: {_db_message(exc)}") from exc
         return True
 
 
