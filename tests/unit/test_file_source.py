@@ -829,3 +829,18 @@ def test_notes_are_not_used_when_the_file_is_then_read_as_text(tmp_path: Path) -
     )
 
     assert _summary(again)[:3] == _summary(whole)[:3]
+
+
+def test_notes_the_cursor_does_not_hold_whole_mean_a_whole_read(tmp_path: Path) -> None:
+    _mixed_lines(tmp_path)
+    src = source(tmp_path, "mixed.jsonl")
+    src.expect_lookback(timedelta(hours=2))
+    *_, last = src.read(since=None, cursor=None, batch_size=50)
+    cursor = last.checkpoint.cursor  # type: ignore[union-attr]
+    del cursor["files"]["mixed.jsonl"][5]["cold"]  # type: ignore[index]
+    since = datetime(2024, 5, 1, 8, tzinfo=UTC)
+
+    again = list(src.read(since=since, cursor=cursor, batch_size=50))
+    whole = list(source(tmp_path, "mixed.jsonl").read(since=since, cursor=None, batch_size=50))
+
+    assert _summary(again) == _summary(whole)

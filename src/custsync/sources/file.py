@@ -838,6 +838,8 @@ def _hot_lines(entry: Any, fingerprint: list[Any], since: datetime | None) -> li
     index = entry[5]
     if not isinstance(index, dict) or not isinstance(index.get("hot"), list):
         return None
+    if not isinstance(index.get("cold"), int):
+        return None
     try:
         below = datetime.fromisoformat(index["below"]) if index.get("below") else None
     except (TypeError, ValueError):
