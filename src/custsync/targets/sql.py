@@ -196,20 +196,15 @@ class _PgCopy:
         select = sa.select(*[staged.c[n] for n in names])
         upsert = target._upsert_statement(table, schema, source=select)
         self.insert: str = upsert.compile(dialect=dialect).string
-        kinds = {c.name: c.type for c in schema.columns}
-        json_columns = {n for n in names if kinds[n] == "json"}
-        namespace: dict[str, Any] = {
-            "dumps": orjson.dumps,
-            "utc": _utc,
-            "OPT": orjson.OPT_NON_STR_KEYS,
-        }
+        # The values as the row path binds them (``_converter``), in column order.
+        namespace: dict[str, Any] = {}
         values = []
-        for n in names:
-            get = f"r.get({n!r})"
-            if n in json_columns:
-                get = f"(None if (v := {get}) is None else dumps(v, option=OPT).decode())"
-            elif kinds[n] == "timestamp":
-                get = f"(None if (v := {get}) is None else utc(v))"
+        for i, column in enumerate(schema.columns):
+            convert = _converter(column.type, "postgresql")
+            get = f"r.get({column.name!r})"
+            if convert is not None:
+                namespace[f"c{i}"] = convert
+                get = f"(None if (v{i} := {get}) is None else c{i}(v{i}))"
             values.append(get)
         exec(f"def build(rows):\n    return [({', '.join(values)},) for r in rows]", namespace)
         self._build: Callable[[Sequence[Row]], list[tuple[Any, ...]]] = namespace["build"]
@@ -316,10 +311,12 @@ def make_engine(url: str, *, what: str = "the sql target") -> Engine:
             raise MissingDependencyError(f"{what} on {label}", extra) from None
     # JSON columns are read back (the pre-read compares them) with orjson, several times
     # faster than the json module SQLAlchemy uses by default.
-    kwargs: dict[str, Any] = {"pool_pre_ping": True, "json_deserializer": orjson.loads}
+    kwargs: dict[str, Any] = {"json_deserializer": orjson.loads}
     if dialect == "sqlite":
-        kwargs = {"connect_args": {"timeout": 30}, "json_deserializer": orjson.loads}
-    elif dialect == "postgresql":
+        kwargs["connect_args"] = {"timeout": 30}
+    else:
+        kwargs["pool_pre_ping"] = True
+    if dialect == "postgresql":
         kwargs["connect_args"] = {"options": "-c timezone=UTC", "connect_timeout": 10}
     elif dialect in ("mysql", "mariadb"):
         kwargs["connect_args"] = {
@@ -380,7 +377,7 @@ class SqlTarget:
         self._exists = False
         self._upsert: Any = None
         self._copy: _PgCopy | None = None
-        self._queries: dict[bool, Any] = {}
+        self._queries: dict[Any, Any] = {}  # statements built once per prepare
 
     def __repr__(self) -> str:
         return f"SqlTarget({safe_url(self.engine)}, table={self.settings.table!r})"
@@ -652,7 +649,7 @@ class SqlTarget:
                 stored = self._stored(conn, table, schema, rows, lock=True)
                 decided = self._classify(schema, rows, stored)
                 to_write = [row for (result, row) in decided if row is not None]
-                failures = self._write_isolating(conn, schema, to_write) if to_write else {}
+                failures = self._write_rows(conn, schema, to_write) if to_write else {}
                 ids = self._target_ids(conn, schema, rows) if self.settings.id_column else {}
         except SQLAlchemyError as exc:
             raise TargetError(
@@ -734,13 +731,15 @@ class SqlTarget:
         """The batch's stored rows in one statement, ``key = ANY(array)``: PostgreSQL plans
         one array parameter in a fraction of the time of a long IN list. psycopg hands back
         the values SQLAlchemy would (aware datetimes, decoded JSON)."""
-        preparer = self.engine.dialect.identifier_preparer
         names = [c.name for c in table.columns if self._present is None or c.name in self._present]
-        sql = (
-            f"SELECT {', '.join(preparer.quote(n) for n in names)} "
-            f"FROM {preparer.format_table(table)} "
-            f"WHERE {preparer.quote(key)} = ANY(%(keys)s)" + (" FOR UPDATE" if lock else "")
-        )
+        sql = self._queries.get(("any", lock))
+        if sql is None:
+            preparer = self.engine.dialect.identifier_preparer
+            sql = self._queries[("any", lock)] = (
+                f"SELECT {', '.join(preparer.quote(n) for n in names)} "
+                f"FROM {preparer.format_table(table)} "
+                f"WHERE {preparer.quote(key)} = ANY(%(keys)s)" + (" FOR UPDATE" if lock else "")
+            )
         where = names.index(key)
         found = conn.exec_driver_sql(sql, {"keys": [k[0] for k in keys]})
         return {(row[where],): dict(zip(names, row, strict=True)) for row in found}
@@ -774,13 +773,20 @@ class SqlTarget:
                 decided.append((RowResult(key, Outcome.UPDATED), row))
         return decided
 
+    def _write_rows(
+        self, conn: Connection, schema: RowSchema, rows: Sequence[Row]
+    ) -> dict[Key, str]:
+        """The batch in bulk where the dialect has a bulk path (once: its staging table
+        holds one batch a transaction), else, or when refused, row by row."""
+        if self._copy is not None and len(rows) >= _COPY_MIN_ROWS and self._copy.write(conn, rows):
+            return {}
+        return self._write_isolating(conn, schema, rows)
+
     def _write_isolating(
         self, conn: Connection, schema: RowSchema, rows: Sequence[Row]
     ) -> dict[Key, str]:
         """Write rows in a savepoint; when the database refuses, split the batch in halves
         until the refused rows stand alone, and return their messages by key."""
-        if self._copy is not None and len(rows) >= _COPY_MIN_ROWS and self._copy.write(conn, rows):
-            return {}
         try:
             with conn.begin_nested():
                 conn.exec_driver_sql(self._upsert.sql, self._upsert.parameters(rows))
