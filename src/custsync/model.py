@@ -152,8 +152,8 @@ _batch_adapter: TypeAdapter[list[Customer]] = TypeAdapter(list[Customer])
 # The to-one relationship, ``links`` and ``meta`` are checked field by field in place
 # rather than copied into new dicts: a third of the validation's time otherwise. Errors name
 # the nested field (``meta.mode``) as pydantic would; ``field_errors`` reads it back.
-def _nested_error(field: str, message: str) -> PydanticCustomError:
-    return PydanticCustomError("custsync_nested", message, {"field": field})
+def _nested_error(fields: tuple[str, ...], message: str) -> PydanticCustomError:
+    return PydanticCustomError("custsync_nested", message, {"fields": fields})
 
 
 def _checked_object(value: Any, text_fields: tuple[str, ...]) -> dict[str, Any] | None:
@@ -163,6 +163,7 @@ def _checked_object(value: Any, text_fields: tuple[str, ...]) -> dict[str, Any] 
         if not isinstance(value, Mapping):
             raise PydanticCustomError("dict_type", "Input should be a valid dictionary")
         value = dict(value)
+    bad: tuple[str, ...] = ()
     for name in text_fields:
         item = value.get(name)
         if item is None or isinstance(item, str):
@@ -173,7 +174,9 @@ def _checked_object(value: Any, text_fields: tuple[str, ...]) -> dict[str, Any] 
                 continue
             except UnicodeDecodeError:
                 pass
-        raise _nested_error(name, "Input should be a valid string")
+        bad += (name,)
+    if bad:  # every bad field, as pydantic's own model reports them
+        raise _nested_error(bad, "Input should be a valid string")
     return cast(dict[str, Any], value)
 
 
@@ -189,7 +192,7 @@ def _check_meta(value: Any) -> dict[str, Any] | None:
     checked = _checked_object(value, ())
     mode = checked.get("mode") if checked is not None else None
     if mode is not None and mode not in ("test", "live"):
-        raise _nested_error("mode", "Input should be 'test' or 'live'")
+        raise _nested_error(("mode",), "Input should be 'test' or 'live'")
     return checked
 
 
@@ -281,7 +284,9 @@ def field_errors(exc: ValidationError) -> list[FieldError]:
     for error in exc.errors(include_input=False, include_url=False):
         loc = ".".join(str(part) for part in error["loc"]) or "record"
         if error["type"] == "custsync_nested":
-            loc = f"{loc}.{error['ctx']['field']}"
+            fields = error["ctx"]["fields"]
+            errors.extend(FieldError(f"{loc}.{field}", error["msg"]) for field in fields)
+            continue
         errors.append(FieldError(loc, error["msg"]))
     return errors
 

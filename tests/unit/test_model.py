@@ -172,6 +172,17 @@ def test_meta_mode_outside_test_or_live_is_refused() -> None:
     assert result[0].field == "meta.mode"
 
 
+def test_every_bad_field_of_a_related_object_is_named() -> None:
+    from custsync.model import validate_records
+
+    record = {"email": "a@b.co", "customer_group": {"id": 0, "type": 0}}
+
+    [as_dict] = validate_records([record])
+
+    assert isinstance(as_dict, list)
+    assert {e.field for e in as_dict} == {"customer_group.id", "customer_group.type"}
+
+
 def test_redact_masks_secret_keys_at_any_depth() -> None:
     record = {"email": "a@b.co", "password": "p", "metadata": {"legacy": {"password_hash": "h"}}}
 
