@@ -280,7 +280,7 @@ def validate_batch(
 
 def field_errors(exc: ValidationError) -> list[FieldError]:
     """Name each failing field by its dotted path; the message never repeats the input."""
-    errors = []
+    errors: list[FieldError] = []
     for error in exc.errors(include_input=False, include_url=False):
         loc = ".".join(str(part) for part in error["loc"]) or "record"
         if error["type"] == "custsync_nested":
