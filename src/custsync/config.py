@@ -51,6 +51,9 @@ class SyncSettings(BaseModel):
     compare: Literal["updated_at", "content"] = "updated_at"
     lookback: timedelta = timedelta(minutes=5)
     batch_size: int = Field(default=1000, ge=1, le=100_000)
+    # Read, validate and map in a second process while this one writes (file sources,
+    # Linux, 2+ cores); false keeps a run in one process.
+    parallel: bool = True
     max_rejects: float = Field(default=0.01, ge=0)
     duplicates: Literal["keep_latest", "keep_first", "merge", "reject"] = "keep_latest"
     on_deleted: Literal["report", "flag", "delete"] = "report"

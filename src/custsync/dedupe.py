@@ -14,7 +14,7 @@ import os
 import pickle
 import sqlite3
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from operator import itemgetter
@@ -34,6 +34,54 @@ _SPILL_CHUNK = 32
 _UNIX = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
 _first = itemgetter(0)
+
+
+class PackedRecord(Mapping[str, Any]):
+    """A record as JSON bytes, decoded only when something reads it (a reject).
+
+    A parallel run's worker process packs each record it hands over: the writer's side
+    then neither unpickles it nor serialises it again for the ledger, which spills the
+    bytes as they are (``scrubbed``, without top-level secrets).
+    """
+
+    __slots__ = ("_data", "blob", "scrubbed")
+
+    def __init__(self, blob: bytes, scrubbed: bytes) -> None:
+        self.blob = blob
+        self.scrubbed = scrubbed
+        self._data: dict[str, Any] | None = None
+
+    @classmethod
+    def pack(cls, record: Mapping[str, Any]) -> Mapping[str, Any]:
+        """The record packed, or as it is when it is not plain JSON (it then travels as
+        itself: a huge integer, a key that is not text)."""
+        try:
+            blob = orjson.dumps(record)
+        except TypeError:
+            return record
+        if SECRET_KEYS.isdisjoint(record):
+            return cls(blob, blob)
+        return cls(blob, orjson.dumps(_scrub(record)))
+
+    def __reduce__(self) -> tuple[type[PackedRecord], tuple[bytes, bytes]]:
+        return (PackedRecord, (self.blob, self.scrubbed))
+
+    def _decoded(self) -> dict[str, Any]:
+        if self._data is None:
+            self._data = orjson.loads(self.blob)
+        return self._data
+
+    def __getitem__(self, key: str) -> Any:
+        return self._decoded()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._decoded())
+
+    def __len__(self) -> int:
+        return len(self._decoded())
+
+    def __repr__(self) -> str:
+        return "PackedRecord(...)"  # never the content: it may hold a secret
 
 
 @dataclass(slots=True)
@@ -210,7 +258,7 @@ class Ledger:
         self._spill.seek(self._end)
         for start in range(0, len(holders), _SPILL_CHUNK):
             part = holders[start : start + _SPILL_CHUNK]
-            blob = orjson.dumps([_scrub(c.record) for c in part], default=str)
+            blob = orjson.dumps([_spilled(c.record) for c in part], default=str)
             self._spill.write(blob)
             for item, candidate in enumerate(part):
                 entries.append(
@@ -236,6 +284,12 @@ class Ledger:
         self._db.executemany(
             "INSERT OR REPLACE INTO holder VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", entries
         )
+
+
+def _spilled(record: Mapping[str, Any]) -> Any:
+    if record.__class__ is PackedRecord:
+        return orjson.Fragment(record.scrubbed)
+    return _scrub(record)
 
 
 def _scrub(record: Mapping[str, Any]) -> Mapping[str, Any]:

@@ -9,8 +9,15 @@ ends with the target a clean run would have left.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
+import multiprocessing.connection
+import os
+import pickle
 import shutil
+import signal
+import sys
 import threading
 import time
 import uuid
@@ -25,7 +32,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from custsync import plugins
 from custsync.config import JobConfig, build_job, load_job_file
-from custsync.dedupe import Candidate, Ledger, Resolution
+from custsync.dedupe import Candidate, Ledger, PackedRecord, Resolution
 from custsync.errors import (
     ConfigError,
     CustsyncError,
@@ -234,6 +241,139 @@ class _ReplaySource:
         pass
 
 
+@dataclass(slots=True)
+class _Prepared:
+    """One batch through ``_Run._prepare``: what the writer's side applies."""
+
+    read: int
+    skipped: int
+    notes: list[str]
+    checkpoint: Checkpoint | None
+    rejects: list[Reject] = field(default_factory=list)  # validate and map, in read order
+    candidates: list[Candidate] = field(default_factory=list)  # numbered by the writer
+    max_seen: datetime | None = None
+
+
+class _Stream:
+    """Prepared batches, closed when the run is done with them."""
+
+    def __init__(self, batches: Iterator[_Prepared]) -> None:
+        self._batches = batches
+
+    def __iter__(self) -> Iterator[_Prepared]:
+        return self._batches
+
+    def __enter__(self) -> _Stream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        close = getattr(self._batches, "close", None)
+        if close is not None:
+            close()
+
+
+class _Worker(_Stream):
+    """Reads, validates and maps in a forked process while this one writes.
+
+    On a large load the first stages and the write take about as long each, and a
+    2-core machine does them at once. The worker sends each prepared batch, pickled,
+    through a pipe whose buffer holds less than one batch: memory stays flat, and the
+    batches arrive in the order they were read, so the run's outcome is the one a
+    single-process run would have. Records travel packed (``PackedRecord``).
+
+    The worker owns nothing of the run: it closes every inherited descriptor but its
+    pipe (so the job's lock dies with this process), ignores Ctrl-C (this process stops
+    it), never runs inherited finalisers (``os._exit``), and ends when its pipe breaks.
+    An error in it is raised here, as if the source had raised it.
+    """
+
+    def __init__(self, produce: Callable[[], Iterator[_Prepared]]) -> None:
+        receiver, sender = multiprocessing.connection.Pipe(duplex=False)
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        pid = os.fork()
+        if pid == 0:  # the worker
+            code = 1
+            try:
+                receiver.close()
+                code = _work(sender, produce)
+            finally:
+                os._exit(code)
+        sender.close()
+        self._pid: int | None = pid
+        self._conn = receiver
+        super().__init__(self._receive())
+
+    @staticmethod
+    def usable(source: Source) -> bool:
+        return (
+            bool(getattr(source, "fork_safe", False))
+            and sys.platform == "linux"
+            and len(os.sched_getaffinity(0)) > 1
+        )
+
+    def _receive(self) -> Iterator[_Prepared]:
+        while True:
+            try:
+                kind, payload = pickle.loads(self._conn.recv_bytes())
+            except EOFError:
+                raise CustsyncError("the run's worker process ended unexpectedly") from None
+            if kind == "batch":
+                yield payload
+            elif kind == "end":
+                return
+            else:
+                raise payload
+
+    def close(self) -> None:
+        self._conn.close()
+        if self._pid is None:
+            return
+        pid, self._pid = self._pid, None
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)  # done, or stopped early: it has nothing to finish
+        os.waitpid(pid, 0)
+
+
+def _work(
+    sender: multiprocessing.connection.Connection,
+    produce: Callable[[], Iterator[_Prepared]],
+) -> int:
+    """The worker process's life: prepared batches into the pipe, then "end"."""
+    gc.freeze()  # inherited objects are never collected here: none of their finalisers run
+    keep = sender.fileno()
+    os.closerange(3, keep)
+    os.closerange(keep + 1, _MAX_FD)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        for prepared in produce():
+            for candidate in prepared.candidates:
+                candidate.record = PackedRecord.pack(candidate.record)
+            sender.send_bytes(pickle.dumps(("batch", prepared), protocol=pickle.HIGHEST_PROTOCOL))
+        sender.send_bytes(pickle.dumps(("end", None)))
+        return 0
+    except BrokenPipeError:
+        return 0  # the run is over, or gone
+    except BaseException as exc:
+        if not isinstance(exc, CustsyncError | OSError):
+            log.exception("the run's worker process failed")
+        try:
+            blob = pickle.dumps(("error", exc))
+            pickle.loads(blob)
+        except Exception:  # noqa: BLE001 - an exception that does not survive the pipe
+            blob = pickle.dumps(("error", CustsyncError(f"{type(exc).__name__}: {exc}")))
+        with contextlib.suppress(OSError):
+            sender.send_bytes(blob)
+        return 1
+
+
+_MAX_FD = os.sysconf("SC_OPEN_MAX") if hasattr(os, "sysconf") else 1024
+
+
 class _Run:
     def __init__(
         self,
@@ -337,12 +477,12 @@ class _Run:
                 source.expect_lookback(self.config.sync.lookback)
             target = self.job.make_target()
             self.notes += target.prepare(self.schema, create=not self.dry_run)
-            with Ledger(self.config.sync.duplicates, directory=self._scratch()) as ledger:
-                batches = source.read(
-                    since=since, cursor=cursor, batch_size=self.config.sync.batch_size
-                )
+            with (
+                Ledger(self.config.sync.duplicates, directory=self._scratch()) as ledger,
+                self._prepared_batches(source, since, cursor) as batches,
+            ):
                 for batch in batches:
-                    self._process(batch, since, target, ledger, rejects)
+                    self._apply(batch, target, ledger, rejects)
                     rejects.flush()
                     if batch.checkpoint is not None:
                         last_checkpoint = batch.checkpoint
@@ -409,6 +549,23 @@ class _Run:
                 error=error,
             )
 
+    def _prepared_batches(
+        self, source: Source, since: datetime | None, cursor: Mapping[str, Any] | None
+    ) -> _Stream:
+        """The source's batches through the first stages: in a worker process when the run
+        can be parallel (see ``_Worker``), else here, one batch at a time."""
+
+        def prepared() -> Iterator[_Prepared]:
+            batches = source.read(
+                since=since, cursor=cursor, batch_size=self.config.sync.batch_size
+            )
+            for batch in batches:
+                yield self._prepare(batch, since)
+
+        if self.config.sync.parallel and _Worker.usable(source):
+            return _Worker(prepared)
+        return _Stream(prepared())
+
     def _writeback_for(self, source: Source) -> Any:
         from custsync.commercelayer.writeback import Writeback
 
@@ -454,61 +611,53 @@ class _Run:
 
     # --- one batch --------------------------------------------------------------------
 
-    def _process(
-        self,
-        batch: SourceBatch,
-        since: datetime | None,
-        target: Target,
-        ledger: Ledger,
-        rejects: RejectsWriter,
-    ) -> None:
-        counts = self.counts
-        counts["read"] += len(batch.records) + batch.skipped
-        counts["skipped"] += batch.skipped
-        for note in batch.notes:
-            log.info("%s", note)
-            self.notes.append(note)
+    def _prepare(self, batch: SourceBatch, since: datetime | None) -> _Prepared:
+        """The stages that need nothing but the job and the batch: parse errors, the
+        inbound mapping, the lower bound, validation, the environment, the outbound mapping
+        and the keys. Pure, so a parallel run does it in its worker process."""
+        prepared = _Prepared(
+            read=len(batch.records) + batch.skipped,
+            skipped=batch.skipped,
+            notes=batch.notes,
+            checkpoint=batch.checkpoint,
+        )
+        rejects = prepared.rejects
 
         def reject(
-            stage: Any,
-            source_id: str | None,
-            errors: Sequence[FieldError],
-            record: Mapping[str, Any] | None,
-            key: Any = None,
-            duplicate_of: str | None = None,
-            count: str = "rejected",
+            source_id: str | None, errors: Sequence[FieldError], record: Mapping[str, Any]
         ) -> None:
-            counts[count] += 1
-            rejects.add(Reject(stage, source_id, key, errors, record, duplicate_of))
+            rejects.append(Reject("validate", source_id, None, errors, record))
 
         # Parse errors, inbound mapping, and records older than the lower bound.
         live: list[tuple[RawRecord, dict[str, Any]]] = []
         inbound = self.config.inbound
+        max_seen: datetime | None = None
         for raw in batch.records:
             if raw.error is not None:
-                reject("validate", raw.origin, [FieldError("record", raw.error)], raw.data)
+                reject(raw.origin, [FieldError("record", raw.error)], raw.data)
                 continue
             data = raw.data
             if inbound is not None:
                 mapped = inbound.apply([data])[0]
                 if isinstance(mapped, list):
-                    reject("validate", raw.origin, mapped, data)
+                    reject(raw.origin, mapped, data)
                     continue
                 data = mapped
                 ts = parse_timestamp(data.get("updated_at"))
             else:
                 ts = raw.stamp or parse_timestamp(data.get("updated_at"))
             if ts is not None:
-                if self.max_seen is None or ts > self.max_seen:
-                    self.max_seen = ts
+                if max_seen is None or ts > max_seen:
+                    max_seen = ts
                 if since is not None and ts < since:
-                    counts["skipped"] += 1
+                    prepared.skipped += 1
                     continue
             live.append((raw, data))
+        prepared.max_seen = max_seen
 
         # Validation, environment, outbound mapping, keys.
         environment = self.config.source.environment
-        candidates: list[Candidate] = []
+        candidates = prepared.candidates
         validated = validate_records([data for _, data in live])
         mapping, key_columns = self.config.mapping, self.schema.key
         apply_one = mapping.apply_one
@@ -517,13 +666,12 @@ class _Run:
             identifier = data.get("id")
             source_id = str(identifier) if identifier not in (None, "") else raw.origin
             if isinstance(customer, list):
-                reject("validate", source_id, customer, data)
+                reject(source_id, customer, data)
                 continue
             meta = customer.get("meta")
             mode = meta.get("mode") if meta else None
             if environment is not None and mode is not None and mode != environment:
                 reject(
-                    "validate",
                     source_id,
                     [
                         FieldError(
@@ -537,7 +685,7 @@ class _Run:
             try:
                 row = apply_one(customer)
             except RecordFailure as failure:
-                reject("map", source_id, failure.errors, data)
+                rejects.append(Reject("map", source_id, None, failure.errors, data))
                 continue
             if single_key is not None:
                 value = row.get(single_key)
@@ -548,11 +696,8 @@ class _Run:
                     and not value[-1].isspace()
                 ):
                     # The common case: a clean text key, nothing to convert or strip.
-                    self.seq += 1
                     candidates.append(
-                        Candidate(
-                            (value,), customer.get("updated_at"), self.seq, source_id, data, row
-                        )
+                        Candidate((value,), customer.get("updated_at"), 0, source_id, data, row)
                     )
                     continue
             missing = []
@@ -565,29 +710,65 @@ class _Run:
                 if is_empty(value):
                     missing.append(column)
             if missing:
-                reject(
-                    "map",
-                    source_id,
-                    [
-                        FieldError(c, f"no value for the key ({_paths_of(mapping, c)} all empty)")
-                        for c in missing
-                    ],
-                    data,
-                )
+                errors = [
+                    FieldError(c, f"no value for the key ({_paths_of(mapping, c)} all empty)")
+                    for c in missing
+                ]
+                rejects.append(Reject("map", source_id, None, errors, data))
                 continue
-            self.seq += 1
             candidates.append(
                 Candidate(
                     tuple(row[c] for c in key_columns),
                     customer.get("updated_at"),
-                    self.seq,
+                    0,
                     source_id,
                     data,
                     row,
                 )
             )
+        return prepared
+
+    def _apply(
+        self,
+        prepared: _Prepared,
+        target: Target,
+        ledger: Ledger,
+        rejects: RejectsWriter,
+    ) -> None:
+        """The writer's side of a batch: counts, rejects, duplicates across the run, the
+        write, in the order the batches were read."""
+        counts = self.counts
+        counts["read"] += prepared.read
+        counts["skipped"] += prepared.skipped
+        for note in prepared.notes:
+            log.info("%s", note)
+            self.notes.append(note)
+        if prepared.max_seen is not None and (
+            self.max_seen is None or prepared.max_seen > self.max_seen
+        ):
+            self.max_seen = prepared.max_seen
+        for early in prepared.rejects:
+            counts["rejected"] += 1
+            rejects.add(early)
+        candidates = prepared.candidates
+        for candidate in candidates:
+            self.seq += 1
+            candidate.seq = self.seq
+
+        def reject(
+            stage: Any,
+            source_id: str | None,
+            errors: Sequence[FieldError],
+            record: Mapping[str, Any] | None,
+            key: Any = None,
+            duplicate_of: str | None = None,
+            count: str = "rejected",
+        ) -> None:
+            counts[count] += 1
+            rejects.add(Reject(stage, source_id, key, errors, record, duplicate_of))
 
         # Duplicate keys across the run, then the write.
+        key_columns = self.schema.key
         resolution = ledger.resolve(candidates)
         reject_count = "rejected" if self.config.sync.duplicates == "reject" else "duplicates"
         for loser, winner in resolution.losers:

@@ -143,6 +143,9 @@ class FileSource:
     checkpoint is given: the engine advances the watermark once the whole input is read.
     """
 
+    # Nothing is open before ``read``: a run may read it in a forked worker process.
+    fork_safe = True
+
     def __init__(self, settings: FileSourceSettings, *, base_dir: Path) -> None:
         self.settings = settings
         self._base = Path(os.path.abspath(base_dir))

@@ -1,0 +1,273 @@
+"""A parallel run (a worker process reads, validates and maps while the run writes) ends
+exactly as a single-process run does, and the worker never outlives nor outranks it.
+
+Each comparison runs the same job twice, ``parallel = true`` and ``parallel = false``,
+into SQLite files of their own, and compares the summaries, the notes, the rejects files
+and every row.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import time
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import T0, cli_env, command, customer, rejects_of, write_job, write_pages
+
+from custsync._fake import make_customers, touch, write_list_documents
+from custsync.engine import Job, RunResult
+
+pytestmark = pytest.mark.skipif(
+    not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+    reason="a parallel run needs Linux and two cores",
+)
+
+
+def children() -> set[int]:
+    """This process's child processes, from /proc."""
+    found: set[int] = set()
+    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+        text = (task / "children").read_text()
+        found.update(int(pid) for pid in text.split())
+    return found
+
+
+def alive(pid: int) -> bool:
+    """A process that has not ended (a zombie nobody reaped has)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def mixed_input(path: Path) -> Path:
+    """Pages of good customers with, among them, every kind of record a run sets apart:
+    an invalid e-mail, a record without a key, a password, duplicates across pages (newer,
+    older, tied), a key too long for its column (refused by the database); then a
+    malformed line and a line that is not UTF-8."""
+    records = [customer(f"C{n:03d}", updated_at=T0 + timedelta(seconds=n)) for n in range(60)]
+    records[5] = customer("C005", email="not-an-email")
+    records[6] = customer("C006", reference="")
+    records[7] = customer("C007", password="hunter2-secret")
+    records[8] = customer("C008", reference="X" * 300)
+    records += [
+        customer("C010", updated_at=T0 + timedelta(hours=1), status="repeat"),
+        customer("C011", updated_at=T0 - timedelta(hours=1), status="repeat"),
+        customer("C012", updated_at=T0 + timedelta(seconds=12), status="acquired"),
+    ]
+    pages = [records[i : i + 7] for i in range(0, len(records), 7)]
+    write_pages(path, *pages)
+    with path.open("ab") as f:
+        f.write(b'{"data": [{"id": "broken", "attributes": {"email": \n')
+        late = customer("C099", email="zo\u00e9@example.com")
+        f.write(json.dumps({"data": [late]}, ensure_ascii=False).encode("cp1252") + b"\n")
+    return path
+
+
+def run_both(tmp_path: Path, input_file: Path, sync: str) -> tuple[Any, Any]:
+    """The same job run in parallel and in one process; per run: the result, the rejects
+    file (without run ids) and the table's rows."""
+    outcomes = []
+    for parallel in ("true", "false"):
+        folder = tmp_path / f"parallel-{parallel}"
+        job_file = write_job(
+            folder,
+            url=f"sqlite:///{folder / 'target.db'}",
+            table="customers",
+            source=f'path = "{input_file}"',
+            sync=f"{sync}\nparallel = {parallel}",
+        )
+        result = Job.from_file(job_file).run()
+        outcomes.append((summary_of(result), rejects_without_run(job_file), rows_of(folder)))
+    return outcomes[0], outcomes[1]
+
+
+def summary_of(result: RunResult) -> dict[str, Any]:
+    summary = result.as_dict()
+    summary["notes"] = list(result.notes)
+    summary["error"] = result.error
+    for volatile in ("run_id", "duration_s", "rejects_path"):
+        summary.pop(volatile, None)
+    return summary
+
+
+def rejects_without_run(job_file: Path) -> list[dict[str, Any]]:
+    lines = rejects_of(job_file)
+    for line in lines:
+        line.pop("run_id", None)
+        line.pop("rejected_at", None)
+    return lines
+
+
+def rows_of(folder: Path) -> list[tuple[Any, ...]]:
+    with sqlite3.connect(folder / "target.db") as db:
+        return db.execute("SELECT * FROM customers ORDER BY customer_no").fetchall()
+
+
+def test_a_parallel_run_ends_as_a_single_process_run_does(tmp_path: Path) -> None:
+    input_file = mixed_input(tmp_path / "customers.jsonl")
+
+    parallel, single = run_both(tmp_path, input_file, "batch_size = 5\nmax_rejects = 100")
+
+    assert parallel == single
+    summary, rejects, rows = parallel
+    assert summary["status"] == "ok"
+    assert summary["read"] == 65  # 63 on pages, the broken line, the line after it
+    assert summary["duplicates"] == 3
+    stages = sorted((r["stage"], r["source_id"]) for r in rejects)
+    assert ("load", "C008") in stages  # the database refused it: its record came back packed
+    assert ("validate", "C005") in stages
+    assert ("map", "C006") in stages
+    assert sum(stage == "dedupe" for stage, _ in stages) == 3
+    assert "hunter2-secret" not in json.dumps(rejects)
+    assert summary["rejected"] == 4  # e-mail, no key, key too long, broken line
+    assert len(rows) == 65 - 3 - 4
+    assert any("windows-1252" in note for note in summary["notes"])
+
+
+@pytest.mark.parametrize("duplicates", ["keep_latest", "keep_first", "merge", "reject"])
+def test_every_duplicates_policy_ends_alike_in_parallel(tmp_path: Path, duplicates: str) -> None:
+    input_file = mixed_input(tmp_path / "customers.jsonl")
+
+    parallel, single = run_both(
+        tmp_path, input_file, f'batch_size = 3\nmax_rejects = 100\nduplicates = "{duplicates}"'
+    )
+
+    assert parallel == single
+
+
+def test_an_incremental_run_after_a_parallel_one_ends_alike(tmp_path: Path) -> None:
+    input_file = tmp_path / "customers.jsonl"
+    customers = list(make_customers(3_000, seed=5, tie_fraction=0.25))
+    write_list_documents(input_file, customers, page_size=25, seed=5)
+    sync = 'batch_size = 100\nlookback = "1m"'
+    run_both(tmp_path, input_file, sync)
+    rng = random.Random(5)
+    later = max(datetime.fromisoformat(c["attributes"]["updated_at"]) for c in customers)
+    edits = [touch(c, at=later + timedelta(hours=1), rng=rng) for c in customers[:40]]
+    write_list_documents(input_file, customers + edits, page_size=25, seed=5)
+
+    parallel, single = run_both(tmp_path, input_file, sync)
+
+    assert parallel == single
+    assert parallel[0]["read"] == 3_040
+    assert parallel[0]["updated"] == 40
+
+
+def test_an_error_in_the_worker_fails_the_run_with_the_sources_message(tmp_path: Path) -> None:
+    broken = tmp_path / "customers.json"
+    items = [json.dumps(customer(f"C{n:03d}")) for n in range(30)]
+    broken.write_text("[" + ",".join(items) + ', {"id": "C999", "attr', encoding="utf-8")
+
+    parallel, single = run_both(tmp_path, broken, "batch_size = 4")
+
+    assert parallel == single
+    summary, _, rows = parallel
+    assert summary["status"] == "failed"
+    assert "is not valid JSON after item 29" in summary["error"]
+    assert len(rows) == 28  # the batches committed before the error stay
+    assert children() == set()
+
+
+def test_a_run_stopped_early_leaves_no_worker_behind(tmp_path: Path) -> None:
+    input_file = tmp_path / "customers.jsonl"
+    write_list_documents(input_file, make_customers(2_000, seed=3), page_size=25, seed=3)
+    job_file = write_job(
+        tmp_path,
+        url=f"sqlite:///{tmp_path / 'target.db'}",
+        table="customers",
+        source=f'path = "{input_file}"',
+        sync="batch_size = 50",
+    )
+    seen: list[set[int]] = []
+
+    result = Job.from_file(job_file).run(limit=100, progress=lambda counts: seen.append(children()))
+
+    assert result.status == "ok"
+    assert result.read == 100
+    assert seen
+    assert all(len(workers) == 1 for workers in seen)  # it did run in parallel
+    assert children() == set()
+
+
+def test_the_worker_holds_no_descriptor_of_the_run(tmp_path: Path) -> None:
+    """Only its pipe, the input file and the standard streams: not the job's lock, the
+    state, the target or the rejects file, which die with the run's own process."""
+    input_file = tmp_path / "customers.jsonl"
+    write_list_documents(input_file, make_customers(2_000, seed=4), page_size=25, seed=4)
+    job_file = write_job(
+        tmp_path,
+        url=f"sqlite:///{tmp_path / 'target.db'}",
+        table="customers",
+        source=f'path = "{input_file}"',
+        sync="batch_size = 50",
+    )
+    held: list[list[str]] = []
+
+    def look(counts: Any) -> None:
+        for pid in children():
+            fds = Path(f"/proc/{pid}/fd")
+            held.append([os.readlink(fd) for fd in fds.iterdir() if int(fd.name) > 2])
+
+    result = Job.from_file(job_file).run(progress=look)
+
+    assert result.status == "ok"
+    assert held
+    for targets in held:
+        others = [t for t in targets if not t.startswith("pipe:") and t != str(input_file)]
+        assert others == []
+
+
+def test_kill_9_of_a_parallel_run_frees_the_job_at_once(tmp_path: Path) -> None:
+    """The worker may still be reading when its run dies: the next run takes the lock
+    anyway, and the worker ends when its pipe breaks."""
+    input_file = tmp_path / "customers.jsonl"
+    write_list_documents(input_file, make_customers(20_000, seed=8), page_size=25, seed=8)
+    job_file = write_job(
+        tmp_path,
+        url=f"sqlite:///{tmp_path / 'target.db'}",
+        table="customers",
+        source=f'path = "{input_file}"',
+        sync="batch_size = 100",
+    )
+    process = subprocess.Popen(
+        command("sync", str(job_file), "--json"),
+        cwd=tmp_path,
+        env=cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        workers: set[int] = set()
+        deadline = time.monotonic() + 60
+        while not workers and process.poll() is None and time.monotonic() < deadline:
+            path = Path(f"/proc/{process.pid}/task/{process.pid}/children")
+            workers = {int(p) for p in path.read_text().split()} if path.exists() else set()
+            time.sleep(0.01)
+        assert workers, "the run ended before its worker was seen"
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+
+        again = Job.from_file(job_file).run()
+
+        assert again.status == "ok"
+        assert again.read == 20_000
+        with sqlite3.connect(tmp_path / "target.db") as db:
+            assert db.execute("SELECT count(*) FROM customers").fetchone() == (20_000,)
+        deadline = time.monotonic() + 10
+        while any(alive(pid) for pid in workers):
+            assert time.monotonic() < deadline, "the orphaned worker did not end"
+            time.sleep(0.05)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
