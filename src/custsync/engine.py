@@ -12,11 +12,11 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
-import multiprocessing.connection
 import os
 import pickle
 import shutil
 import signal
+import struct
 import sys
 import threading
 import time
@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, BinaryIO, cast
 
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -291,20 +291,20 @@ class _Worker(_Stream):
     """
 
     def __init__(self, produce: Callable[[], Iterator[_Prepared]]) -> None:
-        receiver, sender = multiprocessing.connection.Pipe(duplex=False)
+        receiver, sender = os.pipe()
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
         pid = os.fork()
         if pid == 0:  # the worker
             code = 1
             try:
-                receiver.close()
+                os.close(receiver)
                 code = _work(sender, produce)
             finally:
                 os._exit(code)
-        sender.close()
+        os.close(sender)
         self._pid: int | None = pid
-        self._conn = receiver
+        self._pipe: BinaryIO = os.fdopen(receiver, "rb")
         super().__init__(self._receive())
 
     @staticmethod
@@ -317,10 +317,12 @@ class _Worker(_Stream):
 
     def _receive(self) -> Iterator[_Prepared]:
         while True:
-            try:
-                kind, payload = pickle.loads(self._conn.recv_bytes())
-            except EOFError:
-                raise CustsyncError("the run's worker process ended unexpectedly") from None
+            head = self._pipe.read(_FRAME.size)
+            size = _FRAME.unpack(head)[0] if len(head) == _FRAME.size else -1
+            blob = self._pipe.read(size) if size >= 0 else b""
+            if len(blob) != size or size < 0:
+                raise CustsyncError("the run's worker process ended unexpectedly")
+            kind, payload = pickle.loads(blob)
             if kind == "batch":
                 yield payload
             elif kind == "end":
@@ -329,7 +331,7 @@ class _Worker(_Stream):
                 raise payload
 
     def close(self) -> None:
-        self._conn.close()
+        self._pipe.close()
         if self._pid is None:
             return
         pid, self._pid = self._pid, None
@@ -338,23 +340,27 @@ class _Worker(_Stream):
         os.waitpid(pid, 0)
 
 
-def _work(
-    sender: multiprocessing.connection.Connection,
-    produce: Callable[[], Iterator[_Prepared]],
-) -> int:
+def _work(sender: int, produce: Callable[[], Iterator[_Prepared]]) -> int:
     """The worker process's life: prepared batches into the pipe, then "end"."""
     gc.freeze()  # inherited objects are never collected here: none of their finalisers run
-    keep = sender.fileno()
-    os.closerange(3, keep)
-    os.closerange(keep + 1, _MAX_FD)
+    os.closerange(3, sender)
+    os.closerange(sender + 1, _MAX_FD)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    pipe = os.fdopen(sender, "wb")
+
+    def send(message: tuple[str, Any]) -> None:
+        blob = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        pipe.write(_FRAME.pack(len(blob)))
+        pipe.write(blob)
+        pipe.flush()  # all of it is in the pipe (a buffered writer retries short writes)
+
     try:
         for prepared in produce():
             for candidate in prepared.candidates:
                 candidate.record = PackedRecord.pack(candidate.record)
-            sender.send_bytes(pickle.dumps(("batch", prepared), protocol=pickle.HIGHEST_PROTOCOL))
-        sender.send_bytes(pickle.dumps(("end", None)))
+            send(("batch", prepared))
+        send(("end", None))
         return 0
     except BrokenPipeError:
         return 0  # the run is over, or gone
@@ -362,15 +368,15 @@ def _work(
         if not isinstance(exc, CustsyncError | OSError):
             log.exception("the run's worker process failed")
         try:
-            blob = pickle.dumps(("error", exc))
-            pickle.loads(blob)
+            pickle.loads(pickle.dumps(exc))
         except Exception:  # noqa: BLE001 - an exception that does not survive the pipe
-            blob = pickle.dumps(("error", CustsyncError(f"{type(exc).__name__}: {exc}")))
+            exc = CustsyncError(f"{type(exc).__name__}: {exc}")
         with contextlib.suppress(OSError):
-            sender.send_bytes(blob)
+            send(("error", exc))
         return 1
 
 
+_FRAME = struct.Struct("<Q")  # each message: its length, then the pickle
 _MAX_FD = os.sysconf("SC_OPEN_MAX") if hasattr(os, "sysconf") else 1024
 
 
