@@ -12,7 +12,7 @@ import contextlib
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal, Required, cast
+from typing import Annotated, Any, Literal, Required, cast, get_type_hints
 
 import orjson
 from pydantic import (
@@ -25,6 +25,8 @@ from pydantic import (
     StringConstraints,
     TypeAdapter,
     ValidationError,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
     with_config,
 )
 from pydantic_core import PydanticCustomError
@@ -236,8 +238,74 @@ class CustomerRecord(TypedDict, total=False):
     meta: Annotated[dict[str, Any] | None, PlainValidator(_check_meta)]
 
 
-_record_adapter: TypeAdapter[list[CustomerRecord]] = TypeAdapter(list[CustomerRecord])
+# The careful form: every field checked by pydantic or a validator of ours, every error
+# named as the model names it.
 _one_record: TypeAdapter[CustomerRecord] = TypeAdapter(CustomerRecord)
+
+
+def _plain_nested(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    """The hot path's record: the nested objects (the group, links, meta, metadata) are
+    looked at here, in one call, and passed through as they are when they are plain
+    (dicts of text): three validator calls a record cost more than all of them (+12% on
+    the whole). Anything else goes the careful way (``_one_record``), which names every
+    error."""
+    if value.__class__ is dict:
+        group = value.get("customer_group")
+        links = value.get("links")
+        meta = value.get("meta")
+        metadata = value.get("metadata")
+        info = value.get("anonymization_info")
+        if (
+            (
+                group is None
+                or (
+                    group.__class__ is dict
+                    and (group.get("id") is None or group["id"].__class__ is str)
+                    and (group.get("type") is None or group["type"].__class__ is str)
+                )
+            )
+            and (
+                links is None
+                or (
+                    links.__class__ is dict
+                    and (links.get("self") is None or links["self"].__class__ is str)
+                )
+            )
+            and (meta is None or (meta.__class__ is dict and meta.get("mode") in _MODES))
+            and (metadata is None or metadata.__class__ is dict)
+            and (info is None or info.__class__ is dict)
+        ):
+            return handler(value)
+    return _one_record.validate_python(value)
+
+
+_MODES = (None, "test", "live")
+_PLAIN = {
+    "customer_group": Any,
+    "links": Any,
+    "meta": Any,
+    "metadata": Any,
+    "anonymization_info": Any,
+}
+_hints = get_type_hints(CustomerRecord, include_extras=True)
+_PlainRecord: Any = with_config(ConfigDict(extra="allow", hide_input_in_errors=True))(
+    TypedDict(  # type: ignore[operator]
+        "_PlainRecord",
+        {
+            name: _PLAIN.get(
+                name, Required[hint] if name in CustomerRecord.__required_keys__ else hint
+            )
+            for name, hint in _hints.items()
+        },
+        total=False,
+    )
+)
+_record_adapter: TypeAdapter[list[CustomerRecord]] = TypeAdapter(
+    list[Annotated[_PlainRecord, WrapValidator(_plain_nested)]]
+)
+_plain_record: TypeAdapter[CustomerRecord] = TypeAdapter(
+    Annotated[_PlainRecord, WrapValidator(_plain_nested)]
+)
 
 
 def validate_records(
@@ -253,7 +321,7 @@ def validate_records(
     results: list[dict[str, Any] | list[FieldError]] = []
     for record in records:
         try:
-            results.append(cast(dict[str, Any], _one_record.validate_python(record)))
+            results.append(cast(dict[str, Any], _plain_record.validate_python(record)))
         except ValidationError as exc:
             results.append(field_errors(exc))
     return results
