@@ -561,10 +561,7 @@ class _Run:
         """The source's batches through the first stages: in a worker process when the run
         can be parallel (see ``_Worker``), else here, one batch at a time."""
 
-        def prepared(*, in_worker: bool = False) -> Iterator[_Prepared]:
-            share = getattr(source, "use_helper_process", None)
-            if in_worker and share is not None:
-                share()  # forking again is safe in the worker: it has no threads
+        def prepared() -> Iterator[_Prepared]:
             batches = source.read(
                 since=since, cursor=cursor, batch_size=self.config.sync.batch_size
             )
@@ -572,7 +569,7 @@ class _Run:
                 yield self._prepare(batch, since)
 
         if self.config.sync.parallel and _Worker.usable(source):
-            return _Worker(lambda: prepared(in_worker=True))
+            return _Worker(prepared)
         return _Stream(prepared())
 
     def _writeback_for(self, source: Source) -> Any:

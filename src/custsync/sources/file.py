@@ -6,17 +6,13 @@ from __future__ import annotations
 import codecs
 import contextlib
 import csv
-import gc
 import glob
 import gzip
 import hashlib
 import io
 import os
-import pickle
 import re
 import shutil
-import signal
-import struct
 import tempfile
 import weakref
 import zlib
@@ -25,7 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any, Literal, Self, cast
+from typing import IO, Any, Literal, Self
 
 import orjson
 from pydantic import Field, field_validator
@@ -151,7 +147,6 @@ class FileSource:
     fork_safe = True
 
     def __init__(self, settings: FileSourceSettings, *, base_dir: Path) -> None:
-        self._helper_process = False
         self.settings = settings
         self._base = Path(os.path.abspath(base_dir))
         self._raw_rows = settings.mapping is not None
@@ -165,12 +160,6 @@ class FileSource:
 
     def expect_lookback(self, lookback: timedelta) -> None:
         self._lookback = lookback
-
-    def use_helper_process(self) -> None:
-        """Let an incremental read of JSON Lines parse every other stretch of a file in a
-        helper process it forks (``_LineHelper``): a run's worker process calls this, never
-        a notebook (forking a process with threads is not safe)."""
-        self._helper_process = True
 
     def files(self) -> list[Path]:
         """The files the path or glob matches, sorted; SourceError when there is none."""
@@ -411,29 +400,12 @@ class FileSource:
                         line = stream.readline()
                         yield from self._json_line(plan, line, lines[at + 1], since, noted)
                     return
-                helper = (
-                    _LineHelper(self, plan, since)
-                    if self._helper_process and since is not None and mark
-                    else None
-                )
-                try:
-                    offset = 0
-                    for line_no, line in enumerate(stream, 1):
-                        if mark:
-                            yield _Line(offset, line_no)
-                        if helper is not None and (offset // _SHARE_CHUNK) % 2:
-                            items, legacy = helper.take(line_no)
-                            if legacy:
-                                noted.append(line_no)
-                                if len(noted) == 1:
-                                    yield _legacy_note(plan, line_no)
-                            yield from items
-                        else:
-                            yield from self._json_line(plan, line, line_no, since, noted)
+                offset = 0
+                for line_no, line in enumerate(stream, 1):
+                    if mark:
+                        yield _Line(offset, line_no)
                         offset += len(line)
-                finally:
-                    if helper is not None:
-                        helper.close()
+                    yield from self._json_line(plan, line, line_no, since, noted)
             return
         with self._open_text(plan, encoding) as text:
             for line_no, text_line in enumerate(text, 1):
@@ -465,7 +437,10 @@ class FileSource:
                 return
             noted.append(line_no)
             if len(noted) == 1:
-                yield _legacy_note(plan, line_no)
+                yield _Note(
+                    f"{plan.name}: line {line_no} is not UTF-8: lines like it are read as "
+                    "windows-1252"
+                )
             try:
                 value = orjson.loads(decoded)
             except orjson.JSONDecodeError as again:
@@ -946,120 +921,6 @@ def _masked_row(header: list[str], cells: list[str], delimiter: str) -> str:
     out = io.StringIO()
     csv.writer(out, delimiter=delimiter, lineterminator="").writerow(masked)
     return out.getvalue()
-
-
-def _legacy_note(plan: _Plan, line_no: int) -> _Note:
-    return _Note(
-        f"{plan.name}: line {line_no} is not UTF-8: lines like it are read as windows-1252"
-    )
-
-
-# A file's lines are split in stretches by the offset they start at; every other stretch
-# is the helper's. Large enough that a message carries many lines, small enough that the
-# two processes take turns often (the pipe between them holds little).
-_SHARE_CHUNK = 256 * 1024
-_FRAME = struct.Struct("<Q")
-
-
-class _LineHelper:
-    """A forked process that reads the same file and parses the lines of every other
-    stretch, as ``_json_line`` would here, sending each stretch's items when it is done.
-
-    An incremental read keeps only records at or after ``since``: what comes back is
-    small (mostly skip counts), so the parsing, the bulk of such a read, is shared by
-    two cores. The items come back in line order and are yielded in their place, so the
-    read is the one a single process makes; the helper never notes a line that is not
-    UTF-8 (the reader does, so the first such line of the file gets the note).
-    """
-
-    def __init__(self, source: FileSource, plan: _Plan, since: datetime | None) -> None:
-        receiver, sender = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                os.close(receiver)
-                code = _help(source, plan, since, sender)
-            finally:
-                os._exit(code)
-        os.close(sender)
-        self._pid: int | None = pid
-        self._pipe = os.fdopen(receiver, "rb")
-        self._lines: list[tuple[int, list[_Item], bool]] = []
-        self._at = 0
-        self._plan = plan
-
-    def take(self, line_no: int) -> tuple[list[_Item], bool]:
-        """The items of ``line_no`` and whether it was not UTF-8."""
-        if self._at == len(self._lines):
-            self._lines, self._at = self._receive(), 0
-        number, items, legacy = self._lines[self._at]
-        self._at += 1
-        if number != line_no:
-            raise SourceError(f"reading {self._plan.name}: helper process out of step")
-        return items, legacy
-
-    def _receive(self) -> list[tuple[int, list[_Item], bool]]:
-        head = self._pipe.read(_FRAME.size)
-        size = _FRAME.unpack(head)[0] if len(head) == _FRAME.size else -1
-        blob = self._pipe.read(size) if size >= 0 else b""
-        if size < 0 or len(blob) != size:
-            raise SourceError(f"reading {self._plan.name}: the helper process ended")
-        kind, payload = pickle.loads(blob)
-        if kind == "error":
-            raise SourceError(payload)
-        return cast(list[tuple[int, list[_Item], bool]], payload)
-
-    def close(self) -> None:
-        self._pipe.close()
-        if self._pid is not None:
-            pid, self._pid = self._pid, None
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-
-
-def _help(source: FileSource, plan: _Plan, since: datetime | None, sender: int) -> int:
-    """The helper's life: the lines of its stretches, parsed, a message a stretch."""
-    gc.freeze()
-    os.closerange(3, sender)
-    os.closerange(sender + 1, os.sysconf("SC_OPEN_MAX"))
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    pipe = os.fdopen(sender, "wb")
-
-    def send(message: tuple[str, Any]) -> None:
-        blob = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-        pipe.write(_FRAME.pack(len(blob)))
-        pipe.write(blob)
-        pipe.flush()
-
-    try:
-        lines: list[tuple[int, list[_Item], bool]] = []
-        with source._open_binary(plan) as stream:
-            offset = 0
-            for line_no, line in enumerate(stream, 1):
-                if (offset // _SHARE_CHUNK) % 2:
-                    noted: list[int] = []
-                    items: list[_Item] = [
-                        item
-                        for item in source._json_line(plan, line, line_no, since, noted)
-                        if not isinstance(item, _Note)
-                    ]
-                    lines.append((line_no, items, bool(noted)))
-                elif lines:
-                    send(("lines", lines))
-                    lines = []
-                offset += len(line)
-        if lines:
-            send(("lines", lines))
-        return 0
-    except BrokenPipeError:
-        return 0
-    except BaseException as exc:  # noqa: BLE001 - said to the reader, which raises it
-        with contextlib.suppress(OSError):
-            send(("error", f"reading {plan.name}: {type(exc).__name__}: {exc}"))
-        return 1
 
 
 def _bad(raw: str, origin: str, reason: str) -> RawRecord:

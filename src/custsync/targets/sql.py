@@ -700,6 +700,8 @@ class SqlTarget:
         keys = [schema.key_of(r) for r in rows]
         if self.dialect == "postgresql" and len(schema.key) == 1:
             return self._stored_pg(conn, table, schema.key[0], keys, lock=lock)
+        if self.dialect == "sqlite" and len(schema.key) == 1:
+            return self._stored_sqlite(conn, table, schema.key[0], keys)
         query = self._stored_query(table, schema, lock=lock)
         single = len(schema.key) == 1
         out: dict[Key, Row] = {}
@@ -744,6 +746,41 @@ class SqlTarget:
         found = conn.exec_driver_sql(sql, {"keys": [k[0] for k in keys]})
         return {(row[where],): dict(zip(names, row, strict=True)) for row in found}
 
+    def _stored_sqlite(
+        self, conn: Connection, table: sa.Table, key: str, keys: Sequence[Key]
+    ) -> dict[Key, Row]:
+        """The batch's stored rows through the driver's own cursor, each value decoded as
+        the column's type would have (``_sqlite_decoder``): SQLAlchemy's result machinery
+        cost more than SQLite's work. The cursor is the connection's: same transaction."""
+        names = [c.name for c in table.columns if self._present is None or c.name in self._present]
+        decoders = [_sqlite_decoder(table.c[n].type) for n in names]
+        where = names.index(key)
+        preparer = self.engine.dialect.identifier_preparer
+        head = (
+            f"SELECT {', '.join(preparer.quote(n) for n in names)} "
+            f"FROM {preparer.format_table(table)} WHERE {preparer.quote(key)} IN "
+        )
+        cursor = conn.connection.cursor()
+        out: dict[Key, Row] = {}
+        try:
+            for start in range(0, len(keys), _IN_CHUNK):
+                chunk = [k[0] for k in keys[start : start + _IN_CHUNK]]
+                sql = self._queries.get(("in", len(chunk)))
+                if sql is None:
+                    sql = self._queries[("in", len(chunk))] = (
+                        head + f"({','.join('?' * len(chunk))})"
+                    )
+                cursor.execute(sql, chunk)
+                for stored in cursor.fetchall():
+                    values = [
+                        v if decode is None or v is None else decode(v)
+                        for v, decode in zip(stored, decoders, strict=True)
+                    ]
+                    out[(values[where],)] = dict(zip(names, values, strict=True))
+        finally:
+            cursor.close()
+        return out
+
     def _classify(
         self, schema: RowSchema, rows: Sequence[Row], stored: Mapping[Key, Row]
     ) -> list[tuple[RowResult, Row | None]]:
@@ -764,9 +801,14 @@ class SqlTarget:
                 continue
             if guard is not None:
                 old, new = current.get(guard), row.get(guard)
-                if old is not None and new is not None and _as_utc(old) > _as_utc(new):
-                    decided.append((RowResult(key, Outcome.STALE), None))
-                    continue
+                if old is not None and new is not None:
+                    old, new = _as_utc(old), _as_utc(new)
+                    if old > new:
+                        decided.append((RowResult(key, Outcome.STALE), None))
+                        continue
+                    if old < new:  # the guard column itself differs: no need to look further
+                        decided.append((RowResult(key, Outcome.UPDATED), row))
+                        continue
             if all(_same(current.get(name), row.get(name)) for name in columns):
                 decided.append((RowResult(key, Outcome.UNCHANGED), None))
             else:
@@ -893,6 +935,29 @@ def _db_message(exc: BaseException) -> str:
     orig = getattr(exc, "orig", None)
     text = str(orig if orig is not None else exc)
     return " ".join(text.split())[:1000]
+
+
+def _sqlite_json(value: Any) -> Any:
+    # As SQLAlchemy's SQLite JSON type reads it: text is JSON, a number stands as itself.
+    return orjson.loads(value) if isinstance(value, str | bytes) else value
+
+
+def _sqlite_timestamp(value: Any) -> Any:
+    return _UTC_TIMESTAMP.process_result_value(value, None)  # type: ignore[arg-type]
+
+
+_UTC_TIMESTAMP = UtcTimestamp()
+
+
+def _sqlite_decoder(kind: sa.types.TypeEngine[Any]) -> Callable[[Any], Any] | None:
+    """How the SQLite pre-read decodes a stored value of a column of ``kind``."""
+    if isinstance(kind, UtcTimestamp):
+        return _sqlite_timestamp
+    if isinstance(kind, sa.JSON):
+        return _sqlite_json
+    if isinstance(kind, sa.Boolean):
+        return bool
+    return None
 
 
 def _as_utc(value: Any) -> Any:
