@@ -93,7 +93,8 @@ def run_process(
 ) -> tuple[float, float, int, str]:
     """Run ``cmd`` to its end; return wall seconds, its peak RSS in MB, its exit code and
     its standard output. ``_measure.py`` forks it and reads ``ru_maxrss`` from
-    ``os.wait4``: forked from this (large) process, the child would report our peak too."""
+    ``os.wait4`` (forked from this large process, the child would report our peak too),
+    or the sum of its processes' peaks when it runs in several."""
     stdout_path = log_stem.with_suffix(".stdout")
     stderr_path = log_stem.with_suffix(".stderr")
     result_path = log_stem.with_suffix(".measure.json")
@@ -704,9 +705,12 @@ def write_report(
         "## Results",
         "",
         "Wall time and peak RSS are those of the whole process (`ru_maxrss` from `wait4`), "
-        "start-up included; records/s is N ÷ wall time for every scenario (each run reads "
-        "the whole file of N customers). `time ÷ custsync's` above 1 means custsync was "
-        "faster. Every run's table was checked afterwards: N rows, N distinct ids, and the "
+        "start-up included; a tool that runs in several processes (custsync forks a worker) "
+        "is shown with the sum of each process's own peak, read from /proc while it runs, "
+        "an upper bound (pages a fork shares count in each); records/s is N ÷ wall time "
+        "for every scenario (each run reads the whole file of N customers). "
+        "`time ÷ custsync's` above 1 means custsync was faster. Every run's table was "
+        "checked afterwards: N rows, N distinct ids, and the "
         "expected sum of `total_orders_count`.",
         "",
         *results_table(measurements, [t for t in tools if t != "dlt-trap"]),
