@@ -180,7 +180,11 @@ def _coerce_json(value: Any) -> Any:
         blob = orjson.dumps(value, option=_PLAIN_JSON)
     except TypeError:
         return _to_jsonable(value)
-    if _SECRET_KEY_BYTES.search(blob):
+    low = blob.lower()
+    if (b"token" in low or b"secret" in low or b"password" in low) and _SECRET_KEY_BYTES.search(
+        blob
+    ):
+        # Every secret name holds one of those words: the pattern runs only when one is in.
         return _to_jsonable(value)
     return value
 

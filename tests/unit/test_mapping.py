@@ -17,7 +17,7 @@ from custsync.mapping import (
     compile_mapping,
     load_mapping_file,
 )
-from custsync.model import Customer
+from custsync.model import SECRET_KEYS, Customer
 
 
 def customer(**fields: Any) -> Customer:
@@ -288,6 +288,15 @@ def test_secret_keys_inside_json_values_are_left_out_of_rows() -> None:
     record = customer(metadata={"tier": "gold", "legacy": {"password_hash": "h", "rp_token": "t"}})
 
     assert one(mapping, record)["md"] == {"tier": "gold", "legacy": {}}
+
+
+@pytest.mark.parametrize("name", sorted(SECRET_KEYS))
+def test_every_secret_name_in_any_case_is_left_out_of_json_values(name: str) -> None:
+    mapping = outbound(md="metadata")
+
+    record = customer(metadata={"tier": "gold", "deep": [{name.upper(): "s3cr3t"}]})
+
+    assert one(mapping, record)["md"] == {"tier": "gold", "deep": [{}]}
 
 
 def test_a_path_to_a_secret_is_a_configuration_error() -> None:
