@@ -20,6 +20,7 @@ import struct
 import sys
 import threading
 import time
+import traceback
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -328,7 +329,10 @@ class _Worker(_Stream):
             elif kind == "end":
                 return
             else:
-                raise payload
+                error, trace = payload
+                if trace is not None:
+                    log.error("the run's worker process failed:\n%s", trace.rstrip())
+                raise error
 
     def close(self) -> None:
         self._pipe.close()
@@ -347,6 +351,12 @@ def _work(sender: int, produce: Callable[[], Iterator[_Prepared]]) -> int:
     os.closerange(sender + 1, _MAX_FD)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # Nothing here writes to the run's streams: in a notebook they are the kernel's, and
+    # another thread may have held their locks at the fork. What the worker has to say
+    # (an error, its traceback) goes through the pipe; stray output goes to the bare fds.
+    logging.disable(logging.CRITICAL)
+    sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115 - lives as long as the process
+    sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
     pipe = os.fdopen(sender, "wb")
 
     def send(message: tuple[str, Any]) -> None:
@@ -364,15 +374,14 @@ def _work(sender: int, produce: Callable[[], Iterator[_Prepared]]) -> int:
         return 0
     except BrokenPipeError:
         return 0  # the run is over, or gone
-    except BaseException as exc:
-        if not isinstance(exc, CustsyncError | OSError):
-            log.exception("the run's worker process failed")
+    except BaseException as exc:  # noqa: BLE001 - all of it goes to the run, which raises it
+        trace = None if isinstance(exc, CustsyncError | OSError) else traceback.format_exc()
         try:
             pickle.loads(pickle.dumps(exc))
         except Exception:  # noqa: BLE001 - an exception that does not survive the pipe
             exc = CustsyncError(f"{type(exc).__name__}: {exc}")
         with contextlib.suppress(OSError):
-            send(("error", exc))
+            send(("error", (exc, trace)))
         return 1
 
 

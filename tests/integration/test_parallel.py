@@ -9,12 +9,14 @@ and every row.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import signal
 import sqlite3
 import subprocess
 import time
+from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -22,8 +24,12 @@ from typing import Any
 import pytest
 from helpers import T0, cli_env, command, customer, rejects_of, write_job, write_pages
 
+from custsync import plugins
 from custsync._fake import make_customers, touch, write_list_documents
 from custsync.engine import Job, RunResult
+from custsync.model import normalize
+from custsync.plugins import Connector
+from custsync.sources.base import RawRecord, SourceBatch, SourceSettings
 
 pytestmark = pytest.mark.skipif(
     not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
@@ -271,3 +277,67 @@ def test_kill_9_of_a_parallel_run_frees_the_job_at_once(tmp_path: Path) -> None:
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+class _BreaksAfterOneBatch:
+    """A third-party source that says it may be read in a forked worker, and fails in
+    the middle of its read with an error of its own."""
+
+    fork_safe = True
+
+    def __init__(self, records: list[dict[str, Any]]) -> None:
+        self.records = records
+
+    def read(self, *, since: Any, cursor: Any, batch_size: int) -> Iterator[SourceBatch]:
+        yield SourceBatch(
+            [RawRecord(data=normalize(r), origin=f"#{i}") for i, r in enumerate(self.records)]
+        )
+        raise ValueError("the third-party source broke")
+
+    def close(self) -> None:
+        pass
+
+
+class _BrokenSettings(SourceSettings):
+    pass
+
+
+def test_an_unexpected_error_in_the_worker_is_logged_with_its_traceback(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    records = [customer(f"C{n:03d}") for n in range(5)]
+    plugins.register(
+        Connector(
+            "breaks", "source", _BrokenSettings, lambda s, base_dir: _BreaksAfterOneBatch(records)
+        )
+    )
+    try:
+        job = Job.from_dict(
+            {
+                "source": {"connector": "breaks"},
+                "target": {
+                    "connector": "sql",
+                    "url": f"sqlite:///{tmp_path / 't.db'}",
+                    "table": "c",
+                    "key": "customer_no",
+                },
+                "mapping": {"preset": "erp_customer"},
+            },
+            base_dir=tmp_path,
+        )
+        with caplog.at_level(logging.ERROR, logger="custsync"):
+            result = job.run()
+    finally:
+        plugins.unregister("source", "breaks")
+
+    assert result.status == "failed"
+    assert result.error == "unexpected ValueError: the third-party source broke"
+    assert result.inserted == 5  # the batch before the error is committed
+    worker_logs = [
+        r.getMessage() for r in caplog.records if "worker process failed" in r.getMessage()
+    ]
+    assert len(worker_logs) == 1
+    assert "Traceback" in worker_logs[0]
+    assert ", in read\n" in worker_logs[0]  # the worker's own frames, not the run's
+    assert "ValueError: the third-party source broke" in worker_logs[0]
+    assert children() == set()
