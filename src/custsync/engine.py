@@ -313,7 +313,7 @@ class _Worker(_Stream):
         return (
             bool(getattr(source, "fork_safe", False))
             and sys.platform == "linux"
-            and len(os.sched_getaffinity(0)) > 1
+            and _cpus() >= 2  # on one core the two processes would only take turns
         )
 
     def _receive(self) -> Iterator[_Prepared]:
@@ -347,8 +347,11 @@ class _Worker(_Stream):
 def _work(sender: int, produce: Callable[[], Iterator[_Prepared]]) -> int:
     """The worker process's life: prepared batches into the pipe, then "end"."""
     gc.freeze()  # inherited objects are never collected here: none of their finalisers run
-    os.closerange(3, sender)
-    os.closerange(sender + 1, _MAX_FD)
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2 and fd != sender:
+            with contextlib.suppress(OSError):  # the listing's own descriptor, gone already
+                os.close(fd)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     # Nothing here writes to the run's streams: in a notebook they are the kernel's, and
@@ -386,7 +389,19 @@ def _work(sender: int, produce: Callable[[], Iterator[_Prepared]]) -> int:
 
 
 _FRAME = struct.Struct("<Q")  # each message: its length, then the pickle
-_MAX_FD = os.sysconf("SC_OPEN_MAX") if hasattr(os, "sysconf") else 1024
+
+
+def _cpus() -> float:
+    """The CPUs this process may use: its affinity, capped by a cgroup v2 CPU quota (a
+    container limited to one CPU on a large host sees every core in its affinity)."""
+    count: float = len(os.sched_getaffinity(0))
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+    except (OSError, ValueError):
+        return count
+    if quota != "max":
+        count = min(count, int(quota) / int(period))
+    return count
 
 
 class _Run:

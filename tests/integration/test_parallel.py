@@ -140,6 +140,36 @@ def test_a_parallel_run_ends_as_a_single_process_run_does(tmp_path: Path) -> Non
     assert any("windows-1252" in note for note in summary["notes"])
 
 
+def test_a_parallel_dry_run_reports_as_a_single_process_one_and_writes_nothing(
+    tmp_path: Path,
+) -> None:
+    input_file = mixed_input(tmp_path / "customers.jsonl")
+    summaries = []
+    for parallel in ("true", "false"):
+        folder = tmp_path / f"dry-{parallel}"
+        job_file = write_job(
+            folder,
+            url=f"sqlite:///{folder / 'target.db'}",
+            table="customers",
+            source=f'path = "{input_file}"',
+            sync=f"batch_size = 5\nmax_rejects = 100\nparallel = {parallel}",
+        )
+        result = Job.from_file(job_file).run(dry_run=True)
+        summaries.append(summary_of(result))
+        assert not (folder / "target.db").exists() or rows_of_any(folder) == 0
+        assert rejects_of(job_file) == []
+
+    assert summaries[0] == summaries[1]
+    assert summaries[0]["status"] == "ok"
+    assert summaries[0]["read"] == 65
+
+
+def rows_of_any(folder: Path) -> int:
+    with sqlite3.connect(folder / "target.db") as db:
+        tables = db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
+        return sum(db.execute(f'SELECT count(*) FROM "{t}"').fetchone()[0] for (t,) in tables)
+
+
 @pytest.mark.parametrize("duplicates", ["keep_latest", "keep_first", "merge", "reject"])
 def test_every_duplicates_policy_ends_alike_in_parallel(tmp_path: Path, duplicates: str) -> None:
     input_file = mixed_input(tmp_path / "customers.jsonl")
