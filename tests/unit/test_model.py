@@ -243,6 +243,7 @@ _records = st.dictionaries(
             "has_password",
             "reference",
             "metadata",
+            "anonymization_info",
             "meta",
             "links",
             "customer_group",
@@ -253,7 +254,10 @@ _records = st.dictionaries(
     st.one_of(
         _values,
         st.dictionaries(
-            st.sampled_from(["mode", "id", "type", "self", "name"]), _values, max_size=3
+            # a key that is not text: a Parquet map, a dict from a notebook
+            st.one_of(st.sampled_from(["mode", "id", "type", "self", "name"]), st.integers(0, 1)),
+            _values,
+            max_size=3,
         ),
         st.lists(st.dictionaries(st.sampled_from(["id", "type"]), _values, max_size=2), max_size=2),
     ),
