@@ -780,8 +780,9 @@ def write_report(
         "## What each tool does",
         "",
         "- **custsync**: `custsync sync job.toml --json` with the `flat_customer` preset "
-        "(19 columns, key `id`; `metadata` one JSON column), default batch size and lookback, "
-        "state in an SQLite file beside the job file.",
+        "(19 columns, key `id`; `metadata` one JSON column), default batch size, lookback "
+        "and `parallel = true` (a forked worker process reads, validates and maps while the "
+        "run writes), state in an SQLite file beside the job file.",
         "- **dlt** (`bench/competitors/dlt_pipeline.py`, its own venv): "
         '`write_disposition="merge"`, `primary_key="id"`, the sqlalchemy destination with '
         "`create_primary_keys=True`, `metadata` and `anonymization_info` as JSON columns with "
