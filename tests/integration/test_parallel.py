@@ -372,3 +372,52 @@ def test_an_unexpected_error_in_the_worker_is_logged_with_its_traceback(
     assert ", in read\n" in worker_logs[0]  # the worker's own frames, not the run's
     assert "ValueError: the third-party source broke" in worker_logs[0]
     assert children() == set()
+
+
+def test_ctrl_c_to_the_terminal_stops_a_parallel_run_after_the_batch_in_flight(
+    tmp_path: Path,
+) -> None:
+    """Ctrl-C reaches the whole foreground process group: the worker ignores it, the run
+    stops after the batch in flight, ends its worker and says "interrupted"; the next run
+    completes the job."""
+    input_file = tmp_path / "customers.jsonl"
+    write_list_documents(input_file, make_customers(20_000, seed=9), page_size=25, seed=9)
+    job_file = write_job(
+        tmp_path,
+        url=f"sqlite:///{tmp_path / 'target.db'}",
+        table="customers",
+        source=f'path = "{input_file}"',
+        sync="batch_size = 100",
+    )
+    process = subprocess.Popen(
+        command("sync", str(job_file), "--json"),
+        cwd=tmp_path,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,  # its own process group, as a terminal's foreground job
+    )
+    try:
+        workers: set[int] = set()
+        deadline = time.monotonic() + 60
+        while not workers and process.poll() is None and time.monotonic() < deadline:
+            path = Path(f"/proc/{process.pid}/task/{process.pid}/children")
+            workers = {int(p) for p in path.read_text().split()} if path.exists() else set()
+            time.sleep(0.01)
+        assert workers, "the run ended before its worker was seen"
+        os.killpg(process.pid, signal.SIGINT)
+        stdout, _ = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    assert process.returncode == 1
+    assert summary["status"] == "interrupted"
+    assert 0 < summary["read"] < 20_000
+    assert not any(alive(pid) for pid in workers)
+    again = Job.from_file(job_file).run()
+    assert again.status == "ok"
+    assert again.inserted + again.unchanged == 20_000
