@@ -38,13 +38,41 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def children() -> set[int]:
-    """This process's child processes, from /proc."""
+def children(pid: int | None = None) -> set[int]:
+    """A process's child processes (this one's by default), from /proc."""
     found: set[int] = set()
-    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
-        text = (task / "children").read_text()
-        found.update(int(pid) for pid in text.split())
+    try:
+        for task in Path(f"/proc/{pid or os.getpid()}/task").iterdir():
+            found.update(int(child) for child in (task / "children").read_text().split())
+    except FileNotFoundError:
+        pass  # it has ended
     return found
+
+
+def generated_job(tmp_path: Path, n: int, *, seed: int, batch_size: int) -> tuple[Path, Path]:
+    """``n`` generated customers in a JSON Lines file, and a job syncing them into SQLite:
+    (the input file, the job file)."""
+    input_file = tmp_path / "customers.jsonl"
+    write_list_documents(input_file, make_customers(n, seed=seed), page_size=25, seed=seed)
+    job_file = write_job(
+        tmp_path,
+        url=f"sqlite:///{tmp_path / 'target.db'}",
+        table="customers",
+        source=f'path = "{input_file}"',
+        sync=f"batch_size = {batch_size}",
+    )
+    return input_file, job_file
+
+
+def wait_for_worker(process: subprocess.Popen[Any]) -> set[int]:
+    """The worker process(es) of a ``custsync sync`` started in the background, once seen."""
+    workers: set[int] = set()
+    deadline = time.monotonic() + 60
+    while not workers and process.poll() is None and time.monotonic() < deadline:
+        workers = children(process.pid)
+        time.sleep(0.01)
+    assert workers, "the run ended before its worker was seen"
+    return workers
 
 
 def alive(pid: int) -> bool:
@@ -216,15 +244,7 @@ def test_an_error_in_the_worker_fails_the_run_with_the_sources_message(tmp_path:
 
 
 def test_a_run_stopped_early_leaves_no_worker_behind(tmp_path: Path) -> None:
-    input_file = tmp_path / "customers.jsonl"
-    write_list_documents(input_file, make_customers(2_000, seed=3), page_size=25, seed=3)
-    job_file = write_job(
-        tmp_path,
-        url=f"sqlite:///{tmp_path / 'target.db'}",
-        table="customers",
-        source=f'path = "{input_file}"',
-        sync="batch_size = 50",
-    )
+    _, job_file = generated_job(tmp_path, 2_000, seed=3, batch_size=50)
     seen: list[set[int]] = []
 
     result = Job.from_file(job_file).run(limit=100, progress=lambda counts: seen.append(children()))
@@ -239,15 +259,7 @@ def test_a_run_stopped_early_leaves_no_worker_behind(tmp_path: Path) -> None:
 def test_the_worker_holds_no_descriptor_of_the_run(tmp_path: Path) -> None:
     """Only its pipe, the input file and the standard streams: not the job's lock, the
     state, the target or the rejects file, which die with the run's own process."""
-    input_file = tmp_path / "customers.jsonl"
-    write_list_documents(input_file, make_customers(2_000, seed=4), page_size=25, seed=4)
-    job_file = write_job(
-        tmp_path,
-        url=f"sqlite:///{tmp_path / 'target.db'}",
-        table="customers",
-        source=f'path = "{input_file}"',
-        sync="batch_size = 50",
-    )
+    input_file, job_file = generated_job(tmp_path, 2_000, seed=4, batch_size=50)
     held: list[list[str]] = []
 
     def look(counts: Any) -> None:
@@ -267,15 +279,7 @@ def test_the_worker_holds_no_descriptor_of_the_run(tmp_path: Path) -> None:
 def test_kill_9_of_a_parallel_run_frees_the_job_at_once(tmp_path: Path) -> None:
     """The worker may still be reading when its run dies: the next run takes the lock
     anyway, and the worker ends when its pipe breaks."""
-    input_file = tmp_path / "customers.jsonl"
-    write_list_documents(input_file, make_customers(20_000, seed=8), page_size=25, seed=8)
-    job_file = write_job(
-        tmp_path,
-        url=f"sqlite:///{tmp_path / 'target.db'}",
-        table="customers",
-        source=f'path = "{input_file}"',
-        sync="batch_size = 100",
-    )
+    _, job_file = generated_job(tmp_path, 20_000, seed=8, batch_size=100)
     process = subprocess.Popen(
         command("sync", str(job_file), "--json"),
         cwd=tmp_path,
@@ -284,13 +288,7 @@ def test_kill_9_of_a_parallel_run_frees_the_job_at_once(tmp_path: Path) -> None:
         stderr=subprocess.DEVNULL,
     )
     try:
-        workers: set[int] = set()
-        deadline = time.monotonic() + 60
-        while not workers and process.poll() is None and time.monotonic() < deadline:
-            path = Path(f"/proc/{process.pid}/task/{process.pid}/children")
-            workers = {int(p) for p in path.read_text().split()} if path.exists() else set()
-            time.sleep(0.01)
-        assert workers, "the run ended before its worker was seen"
+        workers = wait_for_worker(process)
         process.send_signal(signal.SIGKILL)
         process.wait()
 
@@ -380,15 +378,7 @@ def test_ctrl_c_to_the_terminal_stops_a_parallel_run_after_the_batch_in_flight(
     """Ctrl-C reaches the whole foreground process group: the worker ignores it, the run
     stops after the batch in flight, ends its worker and says "interrupted"; the next run
     completes the job."""
-    input_file = tmp_path / "customers.jsonl"
-    write_list_documents(input_file, make_customers(20_000, seed=9), page_size=25, seed=9)
-    job_file = write_job(
-        tmp_path,
-        url=f"sqlite:///{tmp_path / 'target.db'}",
-        table="customers",
-        source=f'path = "{input_file}"',
-        sync="batch_size = 100",
-    )
+    _, job_file = generated_job(tmp_path, 20_000, seed=9, batch_size=100)
     process = subprocess.Popen(
         command("sync", str(job_file), "--json"),
         cwd=tmp_path,
@@ -399,13 +389,7 @@ def test_ctrl_c_to_the_terminal_stops_a_parallel_run_after_the_batch_in_flight(
         start_new_session=True,  # its own process group, as a terminal's foreground job
     )
     try:
-        workers: set[int] = set()
-        deadline = time.monotonic() + 60
-        while not workers and process.poll() is None and time.monotonic() < deadline:
-            path = Path(f"/proc/{process.pid}/task/{process.pid}/children")
-            workers = {int(p) for p in path.read_text().split()} if path.exists() else set()
-            time.sleep(0.01)
-        assert workers, "the run ended before its worker was seen"
+        workers = wait_for_worker(process)
         os.killpg(process.pid, signal.SIGINT)
         stdout, _ = process.communicate(timeout=60)
     finally:
