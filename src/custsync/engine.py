@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import mmap
 import os
 import pickle
 import shutil
@@ -42,7 +43,7 @@ from custsync.errors import (
 )
 from custsync.mapping import RecordFailure, is_empty
 from custsync.model import normalize, parse_timestamp, validate_records
-from custsync.rejects import Reject, RejectsWriter, read_rejects
+from custsync.rejects import Reject, RejectsWriter, Stage, read_rejects
 from custsync.sources.base import (
     Checkpoint,
     LookbackAware,
@@ -254,6 +255,17 @@ class _Prepared:
     candidates: list[Candidate] = field(default_factory=list)  # numbered by the writer
     max_seen: datetime | None = None
 
+    def extend(self, rest: _Prepared) -> None:
+        """Take in the batch's records after these (prepared apart, see ``_work``)."""
+        self.read += rest.read
+        self.skipped += rest.skipped
+        self.notes += rest.notes
+        self.checkpoint = rest.checkpoint if rest.checkpoint is not None else self.checkpoint
+        self.rejects += rest.rejects
+        self.candidates += rest.candidates
+        if self.max_seen is None or (rest.max_seen is not None and rest.max_seen > self.max_seen):
+            self.max_seen = rest.max_seen
+
 
 class _Stream:
     """Prepared batches, closed when the run is done with them."""
@@ -291,7 +303,13 @@ class _Worker(_Stream):
     An error in it is raised here, as if the source had raised it.
     """
 
-    def __init__(self, produce: Callable[[], Iterator[_Prepared]]) -> None:
+    def __init__(
+        self, read: Callable[[], Iterator[SourceBatch]], prepare: Callable[[SourceBatch], _Prepared]
+    ) -> None:
+        self._prepare = prepare
+        # How many batches this process has finished with, written here and read by the
+        # worker: a shared page, not a message, so reading it never waits.
+        self._done = mmap.mmap(-1, _FRAME.size)
         receiver, sender = os.pipe()
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
@@ -300,7 +318,7 @@ class _Worker(_Stream):
             code = 1
             try:
                 os.close(receiver)
-                code = _work(sender, produce)
+                code = _work(sender, read, prepare, self._done)
             finally:
                 os._exit(code)
         os.close(sender)
@@ -317,7 +335,10 @@ class _Worker(_Stream):
         )
 
     def _receive(self) -> Iterator[_Prepared]:
+        done = 0
         while True:
+            # Resumed: the batch yielded last is applied, and this process is idle now.
+            _FRAME.pack_into(self._done, 0, done)
             head = self._pipe.read(_FRAME.size)
             size = _FRAME.unpack(head)[0] if len(head) == _FRAME.size else -1
             blob = self._pipe.read(size) if size >= 0 else b""
@@ -325,7 +346,14 @@ class _Worker(_Stream):
                 raise CustsyncError("the run's worker process ended unexpectedly")
             kind, payload = pickle.loads(blob)
             if kind == "batch":
-                yield payload
+                prepared, unprepared = payload  # the worker's part, and the rest for here
+                if unprepared is not None:
+                    rest = self._prepare(unprepared)
+                    if prepared is None:
+                        prepared = rest
+                    else:
+                        prepared.extend(rest)
+                yield prepared
             elif kind == "end":
                 return
             else:
@@ -333,9 +361,11 @@ class _Worker(_Stream):
                 if trace is not None:
                     log.error("the run's worker process failed:\n%s", trace.rstrip())
                 raise error
+            done += 1
 
     def close(self) -> None:
         self._pipe.close()
+        self._done.close()
         if self._pid is None:
             return
         pid, self._pid = self._pid, None
@@ -344,8 +374,22 @@ class _Worker(_Stream):
         os.waitpid(pid, 0)
 
 
-def _work(sender: int, produce: Callable[[], Iterator[_Prepared]]) -> int:
-    """The worker process's life: prepared batches into the pipe, then "end"."""
+def _work(
+    sender: int,
+    read: Callable[[], Iterator[SourceBatch]],
+    prepare: Callable[[SourceBatch], _Prepared],
+    done: mmap.mmap,
+) -> int:
+    """The worker process's life: batches into the pipe, then "end".
+
+    A batch is prepared here, a stretch of records at a time, while the writer is busy
+    with the batch before; once the writer has applied all it was sent, the rest of the
+    batch goes as read and the writer prepares it, while this process reads on. Either
+    side may be the slower one (an incremental run mostly reads and skips; an initial
+    load into SQLite mostly writes), so the work balances itself as it goes, and neither
+    process waits long for the other. The outcome is the one a single process would
+    have: ``_Run._prepare`` is pure and record by record, and the writer puts the two
+    parts of a batch back together before it applies it."""
     gc.freeze()  # inherited objects are never collected here: none of their finalisers run
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
@@ -369,10 +413,19 @@ def _work(sender: int, produce: Callable[[], Iterator[_Prepared]]) -> int:
         pipe.flush()  # all of it is in the pipe (a buffered writer retries short writes)
 
     try:
-        for prepared in produce():
-            for candidate in prepared.candidates:
-                candidate.record = PackedRecord.pack(candidate.record)
-            send(("batch", prepared))
+        for sent, batch in enumerate(read()):  # sent: batches sent before this one
+            records, at, head = batch.records, 0, None
+            while at < len(records) and sent > _FRAME.unpack_from(done)[0]:
+                part = prepare(_part(batch, at, at + _STRETCH))
+                for candidate in part.candidates:
+                    candidate.record = PackedRecord.pack(candidate.record)
+                if head is None:
+                    head = part
+                else:
+                    head.extend(part)
+                at += _STRETCH
+            tail = _part(batch, at, len(records)) if head is None or at < len(records) else None
+            send(("batch", (head, tail)))
         send(("end", None))
         return 0
     except BrokenPipeError:
@@ -389,6 +442,26 @@ def _work(sender: int, produce: Callable[[], Iterator[_Prepared]]) -> int:
 
 
 _FRAME = struct.Struct("<Q")  # each message: its length, then the pickle
+_STRETCH = 200  # records the worker prepares before it looks whether the writer waits
+
+
+def _position(entry: tuple[int, int, Reject]) -> tuple[int, int]:
+    return entry[0], entry[1]
+
+
+def _part(batch: SourceBatch, start: int, stop: int) -> SourceBatch:
+    """Records ``start:stop`` of a batch, a part that is not empty: the first part
+    carries the batch's skipped count and notes, the last its checkpoint
+    (``_Prepared.extend`` joins them again)."""
+    last = stop >= len(batch.records)
+    if start == 0 and last:
+        return batch
+    return SourceBatch(
+        batch.records[start:stop],
+        checkpoint=batch.checkpoint if last else None,
+        skipped=batch.skipped if start == 0 else 0,
+        notes=batch.notes if start == 0 else [],
+    )
 
 
 def _cpus() -> float:
@@ -585,15 +658,18 @@ class _Run:
         """The source's batches through the first stages: in a worker process when the run
         can be parallel (see ``_Worker``), else here, one batch at a time."""
 
+        def read() -> Iterator[SourceBatch]:
+            return source.read(since=since, cursor=cursor, batch_size=self.config.sync.batch_size)
+
+        def prepare(batch: SourceBatch) -> _Prepared:
+            return self._prepare(batch, since)
+
         def prepared() -> Iterator[_Prepared]:
-            batches = source.read(
-                since=since, cursor=cursor, batch_size=self.config.sync.batch_size
-            )
-            for batch in batches:
-                yield self._prepare(batch, since)
+            for batch in read():
+                yield prepare(batch)
 
         if self.config.sync.parallel and _Worker.usable(source):
-            return _Worker(prepared)
+            return _Worker(read, prepare)
         return _Stream(prepared())
 
     def _writeback_for(self, source: Source) -> Any:
@@ -651,12 +727,20 @@ class _Run:
             notes=batch.notes,
             checkpoint=batch.checkpoint,
         )
-        rejects = prepared.rejects
+        # Rejects in read order, whichever stage refused them: (records kept before it,
+        # stage, reject), sorted once at the end (a batch is prepared whole or in parts,
+        # and the rejects file must read the same either way).
+        rejects: list[tuple[int, int, Reject]] = []
 
         def reject(
-            source_id: str | None, errors: Sequence[FieldError], record: Mapping[str, Any]
+            at: int,
+            stage: int,
+            source_id: str | None,
+            errors: Sequence[FieldError],
+            record: Mapping[str, Any],
+            kind: Stage = "validate",
         ) -> None:
-            rejects.append(Reject("validate", source_id, None, errors, record))
+            rejects.append((at, stage, Reject(kind, source_id, None, errors, record)))
 
         # Parse errors, inbound mapping, and records older than the lower bound.
         live: list[tuple[RawRecord, dict[str, Any]]] = []
@@ -664,13 +748,13 @@ class _Run:
         max_seen: datetime | None = None
         for raw in batch.records:
             if raw.error is not None:
-                reject(raw.origin, [FieldError("record", raw.error)], raw.data)
+                reject(len(live), 0, raw.origin, [FieldError("record", raw.error)], raw.data)
                 continue
             data = raw.data
             if inbound is not None:
                 mapped = inbound.apply([data])[0]
                 if isinstance(mapped, list):
-                    reject(raw.origin, mapped, data)
+                    reject(len(live), 0, raw.origin, mapped, data)
                     continue
                 data = mapped
                 ts = parse_timestamp(data.get("updated_at"))
@@ -692,16 +776,18 @@ class _Run:
         mapping, key_columns = self.config.mapping, self.schema.key
         apply_one = mapping.apply_one
         single_key = key_columns[0] if len(key_columns) == 1 else None
-        for (raw, data), customer in zip(live, validated, strict=True):
+        for at, ((raw, data), customer) in enumerate(zip(live, validated, strict=True)):
             identifier = data.get("id")
             source_id = str(identifier) if identifier not in (None, "") else raw.origin
             if isinstance(customer, list):
-                reject(source_id, customer, data)
+                reject(at, 1, source_id, customer, data)
                 continue
             meta = customer.get("meta")
             mode = meta.get("mode") if meta else None
             if environment is not None and mode is not None and mode != environment:
                 reject(
+                    at,
+                    1,
                     source_id,
                     [
                         FieldError(
@@ -715,7 +801,7 @@ class _Run:
             try:
                 row = apply_one(customer)
             except RecordFailure as failure:
-                rejects.append(Reject("map", source_id, None, failure.errors, data))
+                reject(at, 1, source_id, failure.errors, data, "map")
                 continue
             if single_key is not None:
                 value = row.get(single_key)
@@ -744,7 +830,7 @@ class _Run:
                     FieldError(c, f"no value for the key ({_paths_of(mapping, c)} all empty)")
                     for c in missing
                 ]
-                rejects.append(Reject("map", source_id, None, errors, data))
+                reject(at, 1, source_id, errors, data, "map")
                 continue
             candidates.append(
                 Candidate(
@@ -756,6 +842,8 @@ class _Run:
                     row,
                 )
             )
+        rejects.sort(key=_position)
+        prepared.rejects = [entry[2] for entry in rejects]
         return prepared
 
     def _apply(

@@ -16,6 +16,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta
@@ -27,7 +28,7 @@ from helpers import T0, cli_env, command, customer, rejects_of, write_job, write
 
 from custsync import plugins
 from custsync._fake import make_customers, touch, write_list_documents
-from custsync.engine import Job, RunResult, _cpus
+from custsync.engine import Job, RunResult, _cpus, _part, _Run
 from custsync.model import normalize
 from custsync.plugins import Connector
 from custsync.sources.base import RawRecord, SourceBatch, SourceSettings
@@ -167,6 +168,107 @@ def test_a_parallel_run_ends_as_a_single_process_run_does(tmp_path: Path) -> Non
     assert summary["rejected"] == 4  # e-mail, no key, key too long, broken line
     assert len(rows) == 65 - 3 - 4
     assert any("windows-1252" in note for note in summary["notes"])
+
+
+def sprinkled_input(path: Path, n: int, *, seed: int) -> Path:
+    """``n`` generated customers on pages of 25, with something to set apart every few
+    dozen records (a bad e-mail, no key, a password, a key too long for its column, a
+    duplicate) and a malformed line and a line that is not UTF-8 between the pages."""
+    records = list(make_customers(n, seed=seed))
+    for k in range(0, n, 37):
+        attributes = records[k]["attributes"]
+        match (k // 37) % 5:
+            case 0:
+                attributes["email"] = f"not-an-email-{k}"
+            case 1:
+                attributes["reference"] = None
+                attributes["metadata"].pop("erp_id", None)
+            case 2:
+                attributes["password"] = f"hunter2-{k}"
+            case 3:
+                attributes["reference"] = "X" * 300
+            case 4:
+                records[k] = json.loads(json.dumps(records[k - 20]))  # an earlier one again
+    lines = []
+    for start in range(0, n, 25):
+        lines.append(json.dumps({"data": records[start : start + 25]}).encode())
+        if start % 1000 == 500:
+            lines.append(b'{"data": [{"id": "broken", "attributes": {"email": ')
+        if start % 1000 == 750:
+            late = customer(f"W{start}", email="zo\u00e9@example.com")
+            lines.append(json.dumps({"data": [late]}, ensure_ascii=False).encode("cp1252"))
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path
+
+
+def test_large_batches_end_alike_in_parallel(tmp_path: Path) -> None:
+    """Batches of 1,000 are prepared partly in the worker and partly by the writer,
+    whichever is idle: the outcome must not depend on where the line fell."""
+    input_file = sprinkled_input(tmp_path / "customers.jsonl", 4_000, seed=11)
+
+    parallel, single = run_both(tmp_path, input_file, "batch_size = 1000\nmax_rejects = 1000")
+
+    assert parallel == single
+    summary, rejects, rows = parallel
+    assert summary["status"] == "ok"
+    assert summary["read"] == 4_000 + 8  # four malformed lines, four Windows-1252 ones
+    assert {r["stage"] for r in rejects} == {"validate", "map", "load", "dedupe"}
+    assert not any("hunter2" in json.dumps(r) for r in rejects)
+    assert len(rows) == summary["inserted"] + summary["updated"]
+
+
+def test_a_batch_prepared_in_parts_is_the_batch_prepared_whole(tmp_path: Path) -> None:
+    """What the worker prepares of a batch and what the writer prepares of the rest,
+    joined, are the batch prepared at once, for every place the line may fall; and the
+    rejects come in read order, whatever the stage that set them apart."""
+    input_file = sprinkled_input(tmp_path / "customers.jsonl", 600, seed=12)
+    job_file = write_job(
+        tmp_path,
+        url=f"sqlite:///{tmp_path / 'target.db'}",
+        table="customers",
+        source=f'path = "{input_file}"',
+        sync="batch_size = 10000",
+    )
+    job = Job.from_file(job_file)
+    run = _Run(
+        job,
+        dry_run=True,
+        full_refresh=False,
+        since=None,
+        limit=None,
+        from_rejects=None,
+        progress=None,
+        stop=threading.Event(),
+    )
+    since = datetime.fromisoformat(
+        json.loads(input_file.read_bytes().split(b"\n")[3])["data"][0]["attributes"]["updated_at"]
+    )  # the first records are older: the lower bound sets some apart too
+    source = job.make_source()
+    try:
+        read = list(source.read(since=since, cursor=None, batch_size=10_000))
+    finally:
+        source.close()
+    batch = SourceBatch(
+        [raw for b in read for raw in b.records],
+        skipped=sum(b.skipped for b in read),
+        notes=[note for b in read for note in b.notes],
+    )
+    whole = run._prepare(batch, since)
+
+    assert whole.skipped > 0
+    assert {"validate", "map"} <= {r.stage for r in whole.rejects}
+    position = {}
+    for k, raw in enumerate(batch.records):
+        position[raw.origin] = k
+        if raw.error is None:
+            position[str(raw.data["id"])] = k
+    read_order = [position[r.source_id or ""] for r in whole.rejects]
+    assert f"{input_file.name}:22" in {r.source_id for r in whole.rejects}  # the broken line
+    assert read_order == sorted(read_order)
+    for cut in [1, 199, 200, 201, *range(250, len(batch.records), 97), len(batch.records) - 1]:
+        joined = run._prepare(_part(batch, 0, cut), since)
+        joined.extend(run._prepare(_part(batch, cut, len(batch.records)), since))
+        assert joined == whole, f"cut at {cut}"
 
 
 def test_a_parallel_dry_run_reports_as_a_single_process_one_and_writes_nothing(
