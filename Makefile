@@ -13,6 +13,7 @@ $(BIN)/python:
 # Reinstall whenever pyproject.toml changes (the stamp carries its checksum).
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[all]" --group dev
+	$(BIN)/python -m compileall -q src  # as a wheel's install does (an editable one does not)
 	rm -f $(VENV)/.installed-*
 	touch $@
 

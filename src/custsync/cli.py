@@ -484,5 +484,15 @@ def _mappings() -> int:
     return EXIT_OK
 
 
+def console() -> NoReturn:
+    """The ``custsync`` command: ``main``, then exit. What the run left in memory goes with
+    the process; frozen, it is not walked once more by the collector as the interpreter
+    shuts down (~50 ms of every command, a fifth of a run with nothing to do). Exit
+    handlers and finalisers run as usual."""
+    code = main()
+    gc.freeze()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console()
