@@ -547,9 +547,68 @@ def test_a_driver_error_in_the_bulk_path_is_a_target_error(pg: Db) -> None:
     target = pg.prepared()
     assert target._copy is not None
     stage = target._copy.copy.split()[1]
+    target.write([row("k0", updated_at=T0)])  # a key the table holds: the batch is staged
     with target.engine.connect() as conn:  # the pool's one connection: the same session
         conn.exec_driver_sql(f"CREATE TEMPORARY TABLE {stage} (unrelated integer)")
         conn.commit()
 
     with pytest.raises(TargetError, match=r"column .* does not exist"):
         target.write([row(f"k{n}", updated_at=T0) for n in range(60)])
+
+
+def staging_table_exists(target: SqlTarget) -> bool:
+    assert target._copy is not None
+    stage = target._copy.copy.split()[1]
+    with target.engine.connect() as conn:  # the pool's one connection: the same session
+        return conn.exec_driver_sql(f"SELECT to_regclass('pg_temp.{stage}')").scalar() is not None
+
+
+@pytest.mark.postgres
+def test_a_batch_of_keys_new_to_the_table_is_copied_into_it_directly(pg: Db) -> None:
+    target = pg.prepared()
+    table = target.settings.table
+
+    first = target.write([row(f"k{n}", n=n, updated_at=T0) for n in range(60)])
+
+    assert set(outcomes(first).values()) == {Outcome.INSERTED}
+    assert not staging_table_exists(target)
+    assert target.count() == 60
+
+    later = T0 + timedelta(seconds=1)
+    second = target.write([row(f"k{n}", n=n + 1, updated_at=later) for n in range(30, 90)])
+
+    assert outcomes(second) == {
+        **{(f"k{n}",): Outcome.UPDATED for n in range(30, 60)},
+        **{(f"k{n}",): Outcome.INSERTED for n in range(60, 90)},
+    }
+    assert staging_table_exists(target)  # keys the table holds: staged and upserted
+    assert target.count() == 90
+    assert pg.stored(table, SCHEMA, ("k59",))["n"] == 60
+    assert pg.stored(table, SCHEMA, ("k29",))["n"] == 29
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("refusal", ["key too long", "another row holds its name"])
+def test_a_refused_row_among_new_keys_fails_alone(pg: Db, refusal: str) -> None:
+    """The direct copy fails as a whole on one bad row (or on a row another writer put
+    in since the pre-read: here, a unique name taken); the batch is then written the
+    careful way and only that row fails."""
+    target = pg.prepared()
+    table = target.settings.table
+    rows = [row(f"k{n}", name=f"name-{n}", updated_at=T0) for n in range(60)]
+    if refusal == "key too long":
+        rows[17] = row("x" * 65, name="name-17", updated_at=T0)
+        refused: Key = ("x" * 65,)
+    else:
+        with pg.engine.begin() as conn:
+            conn.exec_driver_sql(f'CREATE UNIQUE INDEX ON "{table}" (name)')
+        target.write([row("elsewhere", name="name-17", updated_at=T0)])
+        refused = ("k17",)
+
+    results = target.write(rows)
+
+    assert outcomes(results) == {
+        **{(r["key"],): Outcome.INSERTED for r in rows if (r["key"],) != refused},
+        refused: Outcome.FAILED,
+    }
+    assert target.count() == 59 + (refusal != "key too long")

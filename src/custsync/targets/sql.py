@@ -178,7 +178,8 @@ class _DriverStatement:
 class _PgCopy:
     """PostgreSQL's bulk path: ``COPY`` a batch into a temporary table shaped like the
     target's mapped columns, then one ``INSERT ... SELECT ... ON CONFLICT`` moves it in.
-    The staging table lives in the session and is emptied at every commit."""
+    The staging table lives in the session and is emptied at every commit. A batch whose
+    keys the table does not hold yet (an initial load) is copied straight in."""
 
     def __init__(self, target: SqlTarget, table: sa.Table, schema: RowSchema) -> None:
         dialect = target.engine.dialect
@@ -192,6 +193,7 @@ class _PgCopy:
             f"SELECT {columns} FROM {qualified} WITH NO DATA"
         )
         self.copy = f"COPY {stage} ({columns}) FROM STDIN"
+        self.copy_in = f"COPY {qualified} ({columns}) FROM STDIN"
         staged = sa.Table(stage, sa.MetaData(), *[sa.Column(n) for n in names])
         select = sa.select(*[staged.c[n] for n in names])
         upsert = target._upsert_statement(table, schema, source=select)
@@ -209,13 +211,33 @@ class _PgCopy:
         exec(f"def build(rows):\n    return [({', '.join(values)},) for r in rows]", namespace)
         self._build: Callable[[Sequence[Row]], list[tuple[Any, ...]]] = namespace["build"]
 
-    def write(self, conn: Connection, rows: Sequence[Row]) -> bool:
+    def write(self, conn: Connection, rows: Sequence[Row], *, new: bool = False) -> bool:
         """True when the batch is in; False when PostgreSQL refused it (nothing of it is
-        left behind: it ran in a savepoint), so the row-by-row path takes over."""
+        left behind: it ran in a savepoint), so the row-by-row path takes over.
+
+        ``new``: the batch's keys were not in the table when the batch's locked pre-read
+        ran, so its rows are plain inserts, copied into the table itself: a third less
+        of the server's work and one statement less than staging them. Should another
+        writer have inserted one of the keys since, the copy fails on it as a whole and
+        the batch is staged and upserted after all."""
         import psycopg
 
         raw = conn.connection.driver_connection
         assert raw is not None
+        if new:
+            try:
+                with (
+                    conn.begin_nested(),
+                    raw.cursor() as cursor,
+                    cursor.copy(self.copy_in) as copy,
+                ):
+                    for values in self._build(rows):
+                        copy.write_row(values)
+                return True
+            except (psycopg.DataError, psycopg.IntegrityError):
+                pass  # staged below, where a refused row is found without failing the rest
+            except psycopg.Error as exc:
+                raise TargetError(f"writing {len(rows)} rows failed: {_db_message(exc)}") from exc
         try:
             with conn.begin_nested(), raw.cursor() as cursor:
                 cursor.execute(self.create)
@@ -649,7 +671,9 @@ class SqlTarget:
                 stored = self._stored(conn, table, schema, rows, lock=True)
                 decided = self._classify(schema, rows, stored)
                 to_write = [row for (result, row) in decided if row is not None]
-                failures = self._write_rows(conn, schema, to_write) if to_write else {}
+                failures = (
+                    self._write_rows(conn, schema, to_write, new=not stored) if to_write else {}
+                )
                 ids = self._target_ids(conn, schema, rows) if self.settings.id_column else {}
         except SQLAlchemyError as exc:
             raise TargetError(
@@ -816,11 +840,16 @@ class SqlTarget:
         return decided
 
     def _write_rows(
-        self, conn: Connection, schema: RowSchema, rows: Sequence[Row]
+        self, conn: Connection, schema: RowSchema, rows: Sequence[Row], *, new: bool = False
     ) -> dict[Key, str]:
         """The batch in bulk where the dialect has a bulk path (once: its staging table
-        holds one batch a transaction), else, or when refused, row by row."""
-        if self._copy is not None and len(rows) >= _COPY_MIN_ROWS and self._copy.write(conn, rows):
+        holds one batch a transaction), else, or when refused, row by row. ``new``: none
+        of the rows' keys is in the table (the pre-read found none)."""
+        if (
+            self._copy is not None
+            and len(rows) >= _COPY_MIN_ROWS
+            and self._copy.write(conn, rows, new=new)
+        ):
             return {}
         return self._write_isolating(conn, schema, rows)
 
