@@ -57,7 +57,9 @@ __all__ = ["RUN_STATUSES", "JobState", "RunRecord", "StateStore", "utcnow"]
 logger = logging.getLogger(__name__)
 
 #: The statuses a finished run may end with; a run reads "running" until it finishes.
-RUN_STATUSES = frozenset({"ok", "rejects_exceeded", "failed", "interrupted"})
+#: "config_error": the job proved unfit once the run had started (a target table without
+#: the key column, say): nothing was written.
+RUN_STATUSES = frozenset({"ok", "rejects_exceeded", "failed", "interrupted", "config_error"})
 
 _MAX_JOB = 255
 _MAX_RUN_ID = 64

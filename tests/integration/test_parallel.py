@@ -345,6 +345,32 @@ def test_an_error_in_the_worker_fails_the_run_with_the_sources_message(tmp_path:
     assert children() == set()
 
 
+def test_a_target_that_cannot_be_prepared_fails_the_run_with_nothing_written(
+    tmp_path: Path,
+) -> None:
+    """The worker starts reading while the run connects to the target; a target found
+    unfit then ends the run as before: nothing counted, no rejects, no worker left."""
+    input_file = mixed_input(tmp_path / "customers.jsonl")
+    database = tmp_path / "target.db"
+    with sqlite3.connect(database) as db:
+        db.execute("CREATE TABLE customers (something_else TEXT)")
+    job_file = write_job(
+        tmp_path,
+        url=f"sqlite:///{database}",
+        table="customers",
+        source=f'path = "{input_file}"',
+        sync="batch_size = 5\nmax_rejects = 100",
+    )
+
+    result = Job.from_file(job_file).run()
+
+    assert result.status == "config_error"
+    assert "no key column 'customer_no'" in (result.error or "")
+    assert result.read == 0
+    assert rejects_of(job_file) == []
+    assert children() == set()
+
+
 def test_a_run_stopped_early_leaves_no_worker_behind(tmp_path: Path) -> None:
     _, job_file = generated_job(tmp_path, 2_000, seed=3, batch_size=50)
     seen: list[set[int]] = []
