@@ -578,12 +578,15 @@ class _Run:
                 source.project(paths)
             if isinstance(source, LookbackAware):
                 source.expect_lookback(self.config.sync.lookback)
-            target = self.job.make_target()
-            self.notes += target.prepare(self.schema, create=not self.dry_run)
             with (
                 Ledger(self.config.sync.duplicates, directory=self._scratch()) as ledger,
                 self._prepared_batches(source, since, cursor) as batches,
             ):
+                # A parallel run's worker is reading already: connecting to the target
+                # (loading its driver, reading its catalogue) overlaps the first batch.
+                # Nothing is written, here or there, before the target is ready.
+                target = self.job.make_target()
+                self.notes += target.prepare(self.schema, create=not self.dry_run)
                 for batch in batches:
                     self._apply(batch, target, ledger, rejects)
                     rejects.flush()
