@@ -34,7 +34,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from custsync import plugins
 from custsync.config import JobConfig, build_job, load_job_file
-from custsync.dedupe import Candidate, Ledger, PackedRecord, Resolution
+from custsync.dedupe import Candidate, Ledger, PackedRecords, Resolution
 from custsync.errors import (
     ConfigError,
     CustsyncError,
@@ -292,10 +292,11 @@ class _Worker(_Stream):
     """Reads, validates and maps in a forked process while this one writes.
 
     On a large load the first stages and the write take about as long each, and a
-    2-core machine does them at once. The worker sends each prepared batch, pickled,
-    through a pipe whose buffer holds less than one batch: memory stays flat, and the
-    batches arrive in the order they were read, so the run's outcome is the one a
-    single-process run would have. Records travel packed (``PackedRecord``).
+    2-core machine does them at once. The worker sends each batch, pickled, through a
+    pipe whose buffer holds less than one batch: memory stays flat, and the batches
+    arrive in the order they were read, so the run's outcome is the one a single-process
+    run would have. What the worker prepared of a batch travels prepared, its records
+    packed (``PackedRecords``); the rest is prepared here (see ``_work``).
 
     The worker owns nothing of the run: it closes every inherited descriptor but its
     pipe (so the job's lock dies with this process), ignores Ctrl-C (this process stops
@@ -417,8 +418,9 @@ def _work(
             records, at, head = batch.records, 0, None
             while at < len(records) and sent > _FRAME.unpack_from(done)[0]:
                 part = prepare(_part(batch, at, at + _STRETCH))
-                for candidate in part.candidates:
-                    candidate.record = PackedRecord.pack(candidate.record)
+                packed = PackedRecords.pack([c.record for c in part.candidates])
+                for candidate, record in zip(part.candidates, packed, strict=True):
+                    candidate.record = record
                 if head is None:
                     head = part
                 else:
@@ -730,20 +732,20 @@ class _Run:
             notes=batch.notes,
             checkpoint=batch.checkpoint,
         )
-        # Rejects in read order, whichever stage refused them: (records kept before it,
-        # stage, reject), sorted once at the end (a batch is prepared whole or in parts,
-        # and the rejects file must read the same either way).
+        # Rejects in read order, whichever step refused them: (records kept before it,
+        # 0 before validation or 1 from it on, reject), sorted once at the end (a batch
+        # is prepared whole or in parts, and the rejects file must read the same).
         rejects: list[tuple[int, int, Reject]] = []
 
         def reject(
             at: int,
-            stage: int,
+            step: int,
             source_id: str | None,
             errors: Sequence[FieldError],
             record: Mapping[str, Any],
-            kind: Stage = "validate",
+            stage: Stage = "validate",
         ) -> None:
-            rejects.append((at, stage, Reject(kind, source_id, None, errors, record)))
+            rejects.append((at, step, Reject(stage, source_id, None, errors, record)))
 
         # Parse errors, inbound mapping, and records older than the lower bound.
         live: list[tuple[RawRecord, dict[str, Any]]] = []
