@@ -282,8 +282,6 @@ class Ledger:
         self._seen += len(holders)
         # Records lose their top-level secrets before they touch the scratch files; rows
         # are kept only where a later record may merge into them.
-        # Records go to the spill file in chunks: one orjson call for a chunk costs a
-        # fraction of one call per record, and a holder is read back (rarely) by chunk.
         keep_rows = self.policy == "merge"
         entries: list[tuple[Any, ...]] = []
 
