@@ -612,3 +612,52 @@ def test_a_refused_row_among_new_keys_fails_alone(pg: Db, refusal: str) -> None:
         refused: Outcome.FAILED,
     }
     assert target.count() == 59 + (refusal != "key too long")
+
+
+def copy_nothing_into(engine: sa.Engine, table: str) -> None:
+    with engine.connect() as conn:
+        raw = conn.connection.driver_connection
+        assert raw is not None
+        with raw.cursor() as cursor, cursor.copy(f'COPY "{table}" (key) FROM STDIN'):
+            pass
+
+
+@pytest.mark.postgres
+def test_a_table_under_row_level_security_is_written_though_copy_cannot_reach_it(
+    pg_url: str,
+) -> None:
+    """PostgreSQL refuses COPY FROM into a table whose row-level security applies to the
+    user (here its owner, with FORCE); new keys then go the staged way, as before."""
+    psycopg = pytest.importorskip("psycopg")
+    role = "custsync_rls_owner"
+    admin = make_engine(pg_url)
+    try:
+        with admin.begin() as conn:
+            conn.exec_driver_sql(
+                f"DO $$ BEGIN CREATE ROLE {role} LOGIN; "
+                "EXCEPTION WHEN duplicate_object THEN NULL; END $$"
+            )
+            conn.exec_driver_sql(f"GRANT CREATE, USAGE ON SCHEMA public TO {role}")
+    except sa.exc.ProgrammingError as exc:
+        pytest.skip(f"the test server's user may not create a role: {exc.orig}")
+    finally:
+        admin.dispose()
+    db = Db(sa.make_url(pg_url).set(username=role, password=None).render_as_string(False))
+    try:
+        target = db.prepared()
+        table = target.settings.table
+        with db.engine.begin() as conn:
+            conn.exec_driver_sql(f'ALTER TABLE "{table}" ENABLE ROW LEVEL SECURITY')
+            conn.exec_driver_sql(f'ALTER TABLE "{table}" FORCE ROW LEVEL SECURITY')
+            conn.exec_driver_sql(
+                f'CREATE POLICY everyone ON "{table}" USING (true) WITH CHECK (true)'
+            )
+        with pytest.raises(psycopg.errors.FeatureNotSupported, match="row-level security"):
+            copy_nothing_into(db.engine, table)
+
+        results = target.write([row(f"k{n}", n=n, updated_at=T0) for n in range(60)])
+
+        assert set(outcomes(results).values()) == {Outcome.INSERTED}
+        assert target.count() == 60
+    finally:
+        db.close()
