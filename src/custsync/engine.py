@@ -309,7 +309,8 @@ class _Worker(_Stream):
     ) -> None:
         self._prepare = prepare
         # How many batches this process has finished with, written here and read by the
-        # worker: a shared page, not a message, so reading it never waits.
+        # worker: a shared page, not a message, so reading it never waits. A stale read
+        # only moves work from one process to the other, never changes the outcome.
         self._done = mmap.mmap(-1, _FRAME.size)
         receiver, sender = os.pipe()
         for stream in (sys.stdout, sys.stderr):
