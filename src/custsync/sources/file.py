@@ -610,7 +610,7 @@ class FileSource:
         try:
             if plan.gzipped:
                 return gzip.open(plan.path, "rb")
-            return plan.path.open("rb")
+            return io.BufferedReader(io.FileIO(plan.path), buffer_size=_READ_BUFFER)
         except OSError as exc:
             raise SourceError(f"cannot open {plan.name}: {exc.strerror or exc}") from exc
 
@@ -705,6 +705,10 @@ class _Utf8Reader:
 
 
 _SAMPLE = 65_536
+# Lines of an API export are tens of KiB: with the default 8 KiB buffer, reading a line
+# costs several reads and joins (measured: 0.074 s for 100,000 customers' lines, 0.033 s
+# with this buffer, a tenth of the whole parse).
+_READ_BUFFER = 262_144
 _UNSKIPPABLE = "unskippable"  # a record without a time, or unreadable: always read the file
 _SKIPS_PER_BATCH = 50_000  # a batch goes out after this many skips, so progress shows
 
