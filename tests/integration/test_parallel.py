@@ -50,18 +50,23 @@ def children(pid: int | None = None) -> set[int]:
     return found
 
 
+def file_job(folder: Path, input_file: Path, sync: str) -> Path:
+    """A job file in ``folder`` syncing ``input_file`` into ``folder``/target.db."""
+    return write_job(
+        folder,
+        url=f"sqlite:///{folder / 'target.db'}",
+        table="customers",
+        source=f'path = "{input_file}"',
+        sync=sync,
+    )
+
+
 def generated_job(tmp_path: Path, n: int, *, seed: int, batch_size: int) -> tuple[Path, Path]:
     """``n`` generated customers in a JSON Lines file, and a job syncing them into SQLite:
     (the input file, the job file)."""
     input_file = tmp_path / "customers.jsonl"
     write_list_documents(input_file, make_customers(n, seed=seed), page_size=25, seed=seed)
-    job_file = write_job(
-        tmp_path,
-        url=f"sqlite:///{tmp_path / 'target.db'}",
-        table="customers",
-        source=f'path = "{input_file}"',
-        sync=f"batch_size = {batch_size}",
-    )
+    job_file = file_job(tmp_path, input_file, f"batch_size = {batch_size}")
     return input_file, job_file
 
 
@@ -115,13 +120,7 @@ def run_both(tmp_path: Path, input_file: Path, sync: str) -> tuple[Any, Any]:
     outcomes = []
     for parallel in ("true", "false"):
         folder = tmp_path / f"parallel-{parallel}"
-        job_file = write_job(
-            folder,
-            url=f"sqlite:///{folder / 'target.db'}",
-            table="customers",
-            source=f'path = "{input_file}"',
-            sync=f"{sync}\nparallel = {parallel}",
-        )
+        job_file = file_job(folder, input_file, f"{sync}\nparallel = {parallel}")
         result = Job.from_file(job_file).run()
         outcomes.append((summary_of(result), rejects_without_run(job_file), rows_of(folder)))
     return outcomes[0], outcomes[1]
@@ -222,13 +221,7 @@ def test_a_batch_prepared_in_parts_is_the_batch_prepared_whole(tmp_path: Path) -
     joined, are the batch prepared at once, for every place the line may fall; and the
     rejects come in read order, whatever the stage that set them apart."""
     input_file = sprinkled_input(tmp_path / "customers.jsonl", 600, seed=12)
-    job_file = write_job(
-        tmp_path,
-        url=f"sqlite:///{tmp_path / 'target.db'}",
-        table="customers",
-        source=f'path = "{input_file}"',
-        sync="batch_size = 10000",
-    )
+    job_file = file_job(tmp_path, input_file, "batch_size = 10000")
     job = Job.from_file(job_file)
     run = _Run(
         job,
@@ -278,13 +271,8 @@ def test_a_parallel_dry_run_reports_as_a_single_process_one_and_writes_nothing(
     summaries = []
     for parallel in ("true", "false"):
         folder = tmp_path / f"dry-{parallel}"
-        job_file = write_job(
-            folder,
-            url=f"sqlite:///{folder / 'target.db'}",
-            table="customers",
-            source=f'path = "{input_file}"',
-            sync=f"batch_size = 5\nmax_rejects = 100\nparallel = {parallel}",
-        )
+        sync = f"batch_size = 5\nmax_rejects = 100\nparallel = {parallel}"
+        job_file = file_job(folder, input_file, sync)
         result = Job.from_file(job_file).run(dry_run=True)
         summaries.append(summary_of(result))
         assert not (folder / "target.db").exists() or rows_of_any(folder) == 0
@@ -351,16 +339,9 @@ def test_a_target_that_cannot_be_prepared_fails_the_run_with_nothing_written(
     """The worker starts reading while the run connects to the target; a target found
     unfit then ends the run as before: nothing counted, no rejects, no worker left."""
     input_file = mixed_input(tmp_path / "customers.jsonl")
-    database = tmp_path / "target.db"
-    with sqlite3.connect(database) as db:
+    with sqlite3.connect(tmp_path / "target.db") as db:
         db.execute("CREATE TABLE customers (something_else TEXT)")
-    job_file = write_job(
-        tmp_path,
-        url=f"sqlite:///{database}",
-        table="customers",
-        source=f'path = "{input_file}"',
-        sync="batch_size = 5\nmax_rejects = 100",
-    )
+    job_file = file_job(tmp_path, input_file, "batch_size = 5\nmax_rejects = 100")
 
     result = Job.from_file(job_file).run()
 
