@@ -116,7 +116,7 @@ class Candidate:
     seq: int
     source_id: str
     record: Mapping[str, Any]  # as read; the rejects writer masks its secrets
-    row: dict[str, Any]
+    row: dict[str, Any] | tuple[Any, ...]  # as mapped, or as the target's codec encoded it
     outcome: str | None = None  # once written: the target's outcome
 
     def rank(self) -> tuple[datetime, int]:
@@ -147,7 +147,9 @@ def _merge(ranked: Sequence[Candidate]) -> dict[str, Any]:
     """Fields of later records override earlier ones, but an empty value never erases."""
     merged: dict[str, Any] = {}
     for candidate in ranked:
-        for name, value in candidate.row.items():
+        row = candidate.row
+        assert isinstance(row, dict)  # a merge run keeps rows as mapped (never encoded)
+        for name, value in row.items():
             if (value is not None and value != "") or name not in merged:
                 merged[name] = value
     return merged

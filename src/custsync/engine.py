@@ -40,6 +40,7 @@ from custsync.errors import (
     CustsyncError,
     FieldError,
     LockedError,
+    RecordError,
 )
 from custsync.mapping import RecordFailure, is_empty
 from custsync.model import normalize, parse_timestamp, validate_records
@@ -53,7 +54,16 @@ from custsync.sources.base import (
     SourceBatch,
 )
 from custsync.state import StateStore
-from custsync.targets.base import Outcome, Previewable, RowResult, RowSchema, Target
+from custsync.targets.base import (
+    HasRowCodec,
+    Outcome,
+    Previewable,
+    Row,
+    RowCodec,
+    RowResult,
+    RowSchema,
+    Target,
+)
 
 log = logging.getLogger("custsync")
 
@@ -293,7 +303,7 @@ class _Worker(_Stream):
 
     On a large load the first stages and the write take about as long each, and a
     2-core machine does them at once. The worker sends each batch, pickled, through a
-    pipe whose buffer holds less than one batch: memory stays flat, and the batches
+    pipe whose buffer holds about one batch: memory stays flat, and the batches
     arrive in the order they were read, so the run's outcome is the one a single-process
     run would have. What the worker prepared of a batch travels prepared, its records
     packed (``PackedRecords``); the rest is prepared here (see ``_work``).
@@ -313,6 +323,7 @@ class _Worker(_Stream):
         # only moves work from one process to the other, never changes the outcome.
         self._done = mmap.mmap(-1, _FRAME.size)
         receiver, sender = os.pipe()
+        _widen(sender)
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
         pid = os.fork()
@@ -444,6 +455,19 @@ def _work(
         return 1
 
 
+def _widen(pipe: int) -> None:
+    """Let the pipe hold about a batch (64 KiB by default, a batch is about 1 MB): the
+    worker then hands a batch over and reads on, where it would wait until this process
+    took the batch. Memory stays flat: the pipe holds what it holds, and no more."""
+    import fcntl  # Linux only, as parallel runs are
+
+    for size in (_PIPE_SIZE, 1 << 20):  # more than 1 MiB needs privileges on Linux
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(pipe, fcntl.F_SETPIPE_SZ, size)
+            return
+
+
+_PIPE_SIZE = 4 << 20
 _FRAME = struct.Struct("<Q")  # each message: its length, then the pickle
 _STRETCH = 200  # records the worker prepares before it looks whether the writer waits
 
@@ -507,6 +531,7 @@ class _Run:
         self.seq = 0
         self.max_seen: datetime | None = None
         self.schema: RowSchema = self.config.schema_
+        self.codec: RowCodec | None = None  # set once the run starts (``_row_codec``)
         self.notes: list[str] = []
         self.writeback: Any = None
         self.written_back: Counter[str] = Counter()
@@ -581,6 +606,7 @@ class _Run:
                 source.project(paths)
             if isinstance(source, LookbackAware):
                 source.expect_lookback(self.config.sync.lookback)
+            self.codec = self._row_codec()
             with (
                 Ledger(self.config.sync.duplicates, directory=self._scratch()) as ledger,
                 self._prepared_batches(source, since, cursor) as batches,
@@ -677,6 +703,17 @@ class _Run:
         if self.config.sync.parallel and _Worker.usable(source):
             return _Worker(read, prepare)
         return _Stream(prepared())
+
+    def _row_codec(self) -> RowCodec | None:
+        """The target's row codec, when its class has one: rows are then encoded as they
+        are mapped (in a parallel run's worker), not by the writing process. Merging
+        duplicates reads rows' fields, so a merge run keeps them as mapped."""
+        if self.config.sync.duplicates == "merge":
+            return None
+        factory = plugins.find("target", self.config.target.connector).factory
+        if not isinstance(factory, HasRowCodec):
+            return None
+        return factory.row_codec(self.config.target, self.schema)
 
     def _writeback_for(self, source: Source) -> Any:
         from custsync.commercelayer.writeback import Writeback
@@ -781,6 +818,7 @@ class _Run:
         validated = validate_records([data for _, data in live])
         mapping, key_columns = self.config.mapping, self.schema.key
         apply_one = mapping.apply_one
+        encode = self.codec.encode if self.codec is not None else None
         single_key = key_columns[0] if len(key_columns) == 1 else None
         for at, ((raw, data), customer) in enumerate(zip(live, validated, strict=True)):
             identifier = data.get("id")
@@ -809,6 +847,7 @@ class _Run:
             except RecordFailure as failure:
                 reject(at, 1, source_id, failure.errors, data, "map")
                 continue
+            key: tuple[Any, ...] | None = None
             if single_key is not None:
                 value = row.get(single_key)
                 if (
@@ -817,36 +856,34 @@ class _Run:
                     and not value[0].isspace()
                     and not value[-1].isspace()
                 ):
-                    # The common case: a clean text key, nothing to convert or strip.
-                    candidates.append(
-                        Candidate((value,), customer.get("updated_at"), 0, source_id, data, row)
-                    )
+                    key = (value,)  # the common case: a clean text key, nothing to convert
+            if key is None:
+                missing = []
+                for column in key_columns:
+                    value = row.get(column)
+                    if value is not None and not isinstance(value, str):
+                        value = _key_text(value)
+                    if isinstance(value, str):
+                        value = row[column] = value.strip()
+                    if is_empty(value):
+                        missing.append(column)
+                if missing:
+                    errors = [
+                        FieldError(c, f"no value for the key ({_paths_of(mapping, c)} all empty)")
+                        for c in missing
+                    ]
+                    reject(at, 1, source_id, errors, data, "map")
                     continue
-            missing = []
-            for column in key_columns:
-                value = row.get(column)
-                if value is not None and not isinstance(value, str):
-                    value = _key_text(value)
-                if isinstance(value, str):
-                    value = row[column] = value.strip()
-                if is_empty(value):
-                    missing.append(column)
-            if missing:
-                errors = [
-                    FieldError(c, f"no value for the key ({_paths_of(mapping, c)} all empty)")
-                    for c in missing
-                ]
-                reject(at, 1, source_id, errors, data, "map")
-                continue
+                key = tuple(row[c] for c in key_columns)
+            written: dict[str, Any] | tuple[Any, ...] = row
+            if encode is not None:
+                try:
+                    written = encode(row)
+                except RecordError as refused:
+                    reject(at, 1, source_id, refused.errors, data, "map")
+                    continue
             candidates.append(
-                Candidate(
-                    tuple(row[c] for c in key_columns),
-                    customer.get("updated_at"),
-                    0,
-                    source_id,
-                    data,
-                    row,
-                )
+                Candidate(key, customer.get("updated_at"), 0, source_id, data, written)
             )
         rejects.sort(key=_position)
         prepared.rejects = [entry[2] for entry in rejects]
@@ -921,14 +958,16 @@ class _Run:
         reject: Callable[..., None],
     ) -> None:
         winners = resolution.winners
-        rows = [c.row for c in winners] + [c.row for c in resolution.rewrites]
+        # Encoded when the target has a row codec (``_row_codec``): its write takes them.
+        rows = cast(Sequence[Row], [c.row for c in winners] + [c.row for c in resolution.rewrites])
         if not rows:
             return
         if self.dry_run:
             if isinstance(target, Previewable):
                 results: Sequence[RowResult] = target.preview(rows)
             else:
-                results = [RowResult(self.schema.key_of(r), Outcome.UNKNOWN) for r in rows]
+                keys = [c.key for c in winners] + [c.key for c in resolution.rewrites]
+                results = [RowResult(key, Outcome.UNKNOWN) for key in keys]
         else:
             results = target.write(rows)
         by_key = {r.key: r for r in results}

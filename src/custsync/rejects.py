@@ -36,6 +36,20 @@ def _default(value: Any) -> Any:
     return str(value)
 
 
+def _plain(value: Any) -> Any:
+    """``value`` with what orjson cannot write as text: a reject keeps its record."""
+    if isinstance(value, Mapping):
+        return {
+            k if isinstance(k, str | int | float | bool) else str(k): _plain(v)
+            for k, v in value.items()
+        }
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**64:
+        return str(value)
+    return value
+
+
 class RejectsWriter:
     """Appends rejects for one run. ``flush`` makes them durable: the engine calls it
     before a checkpoint, so a record is never both past the watermark and unrecorded."""
@@ -66,9 +80,11 @@ class RejectsWriter:
             "duplicate_of": reject.duplicate_of,
             "record": redact(dict(reject.record)) if reject.record is not None else None,
         }
-        self._file.write(
-            orjson.dumps(line, default=_default, option=orjson.OPT_NON_STR_KEYS) + b"\n"
-        )
+        try:
+            text = orjson.dumps(line, default=_default, option=orjson.OPT_NON_STR_KEYS)
+        except TypeError:  # an integer beyond 64 bits (orjson's limit), a key of no JSON type
+            text = orjson.dumps(_plain(line), default=_default, option=orjson.OPT_NON_STR_KEYS)
+        self._file.write(text + b"\n")
 
     def flush(self) -> None:
         if self._file is not None:

@@ -28,7 +28,7 @@ from helpers import T0, cli_env, command, customer, rejects_of, write_job, write
 
 from custsync import plugins
 from custsync._fake import make_customers, touch, write_list_documents
-from custsync.engine import Job, RunResult, _cpus, _part, _Run
+from custsync.engine import Job, RunResult, _cpus, _part, _Run, _widen
 from custsync.model import normalize
 from custsync.plugins import Connector
 from custsync.sources.base import RawRecord, SourceBatch, SourceSettings
@@ -514,3 +514,17 @@ def test_ctrl_c_to_the_terminal_stops_a_parallel_run_after_the_batch_in_flight(
     again = Job.from_file(job_file).run()
     assert again.status == "ok"
     assert again.inserted + again.unchanged == 20_000
+
+
+def test_the_workers_pipe_holds_about_a_batch() -> None:
+    # A batch of 1,000 customers pickles to about 1 MB: the worker hands it over and reads
+    # on, where a pipe of the default 64 KiB kept it waiting for the writer.
+    import fcntl
+
+    receiver, sender = os.pipe()
+    try:
+        _widen(sender)
+        assert fcntl.fcntl(sender, fcntl.F_GETPIPE_SZ) >= 1 << 20
+    finally:
+        os.close(receiver)
+        os.close(sender)

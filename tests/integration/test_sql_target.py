@@ -18,9 +18,15 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
-from custsync.errors import ConfigError
+from custsync.errors import ConfigError, RecordError
 from custsync.targets.base import ColumnSpec, FieldType, Key, Outcome, Row, RowSchema
-from custsync.targets.sql import SqlTarget, SqlTargetSettings, UtcTimestamp, make_engine
+from custsync.targets.sql import (
+    SqlTarget,
+    SqlTargetSettings,
+    UtcTimestamp,
+    make_engine,
+    utc_text,
+)
 from custsync.testing import CONTRACT_SCHEMA, TargetContract
 
 T0 = datetime(2024, 5, 17, 8, 30, 12, 345678, tzinfo=UTC)
@@ -498,6 +504,91 @@ def test_an_integer_key_is_found_again(db: Db) -> None:
     target.write([{"customer_no": 42, "name": "x"}])
     again = target.write([{"customer_no": 42, "name": "x"}])
     assert outcomes(again) == {(42,): Outcome.UNCHANGED}
+
+
+# --- rows as the row codec encodes them (what a run hands the target) -----------------
+
+
+def codec_of(target: SqlTarget, schema: RowSchema = SCHEMA) -> Any:
+    return SqlTarget.row_codec(target.settings, schema)
+
+
+def test_encoded_rows_are_written_and_compared_as_rows_are(db: Db) -> None:
+    plain, encoded = db.prepared(), db.prepared()
+    encode = codec_of(encoded).encode
+    east = timezone(timedelta(hours=2))
+    rows = [
+        row("a"),
+        row("b", flag=False, n=None, data={"nested": {"list": [1, 2.5, None]}, "k": "ü"}),
+        row("c", updated_at=T0.astimezone(east), data=None, name=None),
+    ]
+    assert outcomes(encoded.write([encode(r) for r in rows])) == outcomes(plain.write(rows))
+    for key in ("a", "b", "c"):
+        assert db.stored(encoded.settings.table, SCHEMA, (key,)) == db.stored(
+            plain.settings.table, SCHEMA, (key,)
+        )
+    again = [encode(r) for r in rows]
+    changed = encode(row("a", n=2))
+    assert set(outcomes(encoded.write(again)).values()) == {Outcome.UNCHANGED}
+    assert outcomes(encoded.write([changed])) == {("a",): Outcome.UPDATED}
+    older = encode(row("b", updated_at=T0 - timedelta(days=1)))
+    assert outcomes(encoded.preview([older])) == {("b",): Outcome.STALE}
+
+
+def test_the_codec_decodes_a_row_as_the_table_reads_it_back(db: Db) -> None:
+    target = db.prepared()
+    codec = codec_of(target)
+    naive = datetime(2024, 5, 17, 8, 30, 12, 345678)  # a naive timestamp is UTC
+    written = row("a", updated_at=naive, data={"t": (1, 2)}, flag=False)
+    target.write([written])
+    stored = db.stored(target.settings.table, SCHEMA, ("a",))
+    assert codec.decode(codec.encode(written)) == stored
+    assert stored["updated_at"] == naive.replace(tzinfo=UTC)
+
+
+def test_a_value_the_driver_cannot_bind_fails_its_row_alone_naming_the_column(db: Db) -> None:
+    target = db.prepared()
+    results = target.write([row("a"), row("huge", data={"n": 2**70}), row("b")])
+    assert outcomes(results) == {
+        ("a",): Outcome.INSERTED,
+        ("huge",): Outcome.FAILED,
+        ("b",): Outcome.INSERTED,
+    }
+    [failed] = [r for r in results if r.outcome is Outcome.FAILED]
+    assert failed.message is not None
+    assert failed.message.startswith("data: cannot be written as json")
+    assert target.count() == 2
+
+
+def test_the_codec_refuses_a_value_naming_the_column_and_leaves_keys_as_they_are() -> None:
+    settings = SqlTargetSettings(url="sqlite:///unused.db")
+    schema = RowSchema(
+        columns=(ColumnSpec("flag", "boolean", nullable=False), ColumnSpec("on", "boolean")),
+        key=("flag",),
+    )
+    codec = SqlTarget.row_codec(settings, schema)
+    assert codec.encode({"flag": "yes", "on": True}) == ("yes", 1)  # a key is text already
+    with pytest.raises(RecordError) as refused:
+        codec.encode({"flag": "yes", "on": "maybe"})
+    assert [e.field for e in refused.value.errors] == ["on"]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        datetime(2024, 5, 17, 8, 30, 12, 345678, tzinfo=UTC),
+        datetime(2024, 5, 17, 8, 30, 12, tzinfo=UTC),
+        datetime(2024, 5, 17, 1, 0, tzinfo=timezone(timedelta(hours=-7, minutes=-30))),
+        datetime(2024, 12, 31, 23, 59, 59, 999999, tzinfo=timezone(timedelta(hours=14))),
+        datetime(1, 1, 2, 0, 0),
+        datetime(9999, 12, 31, 23, 59, 59, 999999),
+    ],
+)
+def test_sqlite_timestamp_text_is_fixed_width_utc_with_z(value: datetime) -> None:
+    utc = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    expected = utc.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
+    assert utc_text(value) == expected
+    assert len(utc_text(value)) == 27
 
 
 # --- URLs -------------------------------------------------------------------------------

@@ -475,3 +475,31 @@ def test_ties_across_batches_keep_the_last_seen_to_the_microsecond(tmp_path: Pat
 
     assert target.rows[("a",)]["tier"] == "last"
     assert result.duplicates == 1
+
+
+def test_a_value_the_target_cannot_store_is_rejected_naming_the_column(tmp_path: Path) -> None:
+    # JSON holds no integer beyond 64 bits for the sql target's encoder; a record read by
+    # a program (a notebook's own source) can carry one. Its record goes to the rejects
+    # file at "map", naming the column; the others are written.
+    SOURCES["default"] = MemorySource(
+        [customer("a"), customer("b", metadata={"n": 2**70}), customer("c")]
+    )
+    job = Job.from_dict(
+        {
+            "name": "t",
+            "source": {"connector": "memory"},
+            "target": {"connector": "sql", "url": f"sqlite:///{tmp_path / 't.db'}", "key": "id"},
+            "mapping": {"fields": {"id": "id", "metadata": "metadata", "seen": "updated_at"}},
+            "sync": {"batch_size": 2, "max_rejects": 100},
+        },
+        base_dir=tmp_path,
+    )
+
+    result = job.run()
+
+    assert (result.status, result.inserted, result.rejected) == ("ok", 2, 1)
+    [reject] = rejects(tmp_path)
+    assert (reject["stage"], reject["source_id"]) == ("map", "b")
+    assert reject["errors"][0]["field"] == "metadata"
+    assert "64-bit" in reject["errors"][0]["message"]
+    assert reject["record"]["metadata"] == {"n": str(2**70)}  # as text: JSON holds no such int

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict
 
 Row = Mapping[str, Any]
 Key = tuple[Any, ...]
+Encoded = tuple[Any, ...]  # a row as its target's driver binds it (see ``RowCodec``)
 FieldType = Literal["text", "integer", "float", "boolean", "timestamp", "json"]
 MatchPolicy = Literal["upsert", "update_only", "create_only"]
 
@@ -82,6 +83,35 @@ class Target(Protocol):
     def write(self, rows: Sequence[Row]) -> Sequence[RowResult]: ...
 
     def close(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class RowCodec:
+    """Rows in the form a target's driver binds them, made where the rows are mapped.
+
+    ``encode`` gives the values of ``RowSchema.columns``, in that order, each converted
+    as the target binds it (a timestamp as SQLite's text, JSON as text...); key columns
+    are never converted. It raises ``RecordError`` naming the column whose value cannot
+    be written. ``decode`` gives an encoded row back as a read of the target would
+    return it, for comparisons with stored rows.
+
+    A target class offers one with a class method ``row_codec(settings, schema)``
+    (``HasRowCodec``); the engine then hands its ``write`` and ``preview`` encoded rows.
+    Encoding where rows are mapped (a parallel run's worker) costs the writing process
+    neither the conversions nor the unpickling of typed values.
+    """
+
+    names: tuple[str, ...]
+    encode: Callable[[Row], Encoded]
+    decode: Callable[[Encoded], dict[str, Any]]
+
+
+@runtime_checkable
+class HasRowCodec(Protocol):
+    """A target class whose rows can be encoded before it exists (see ``RowCodec``)."""
+
+    @classmethod
+    def row_codec(cls, settings: Any, schema: RowSchema) -> RowCodec | None: ...
 
 
 @runtime_checkable

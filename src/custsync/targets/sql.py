@@ -21,7 +21,7 @@ import importlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import orjson
 import sqlalchemy as sa
@@ -36,13 +36,21 @@ from sqlalchemy.exc import (
     SQLAlchemyError,
 )
 
-from custsync.errors import ConfigError, MissingDependencyError, TargetError
+from custsync.errors import (
+    ConfigError,
+    FieldError,
+    MissingDependencyError,
+    RecordError,
+    TargetError,
+)
 from custsync.targets.base import (
     ColumnSpec,
+    Encoded,
     FieldType,
     Key,
     Outcome,
     Row,
+    RowCodec,
     RowResult,
     RowSchema,
     TargetSettings,
@@ -144,9 +152,9 @@ def _column_type(
 
 
 class _DriverStatement:
-    """The upsert compiled once to the driver's SQL, with its parameters converted by our
-    own code: SQLAlchemy's per-row bind processing costs more than the database's work on
-    a wide batch. Values arrive as the mapping typed them (see ``FieldType``)."""
+    """The upsert compiled once to the driver's SQL, its parameters taken from encoded
+    rows (``row_codec``): SQLAlchemy's per-row bind processing costs more than the
+    database's work on a wide batch."""
 
     def __init__(self, statement: Any, dialect: Dialect, schema: RowSchema) -> None:
         compiled = statement.compile(dialect=dialect)
@@ -154,24 +162,22 @@ class _DriverStatement:
         self.positional = bool(compiled.positional)
         order = list(compiled.positiontup or []) if self.positional else list(compiled.binds)
         escaped = getattr(compiled, "escaped_bind_names", None) or {}
-        types = {c.name: c.type for c in schema.columns}
-        # One generated comprehension builds a batch's parameters: a loop of per-column
-        # function calls costs several times more on a wide table.
-        namespace: dict[str, Any] = {}
-        items = []
-        for index, bind in enumerate(order):
-            column = compiled.binds[bind].key
-            convert = _converter(types[column], dialect.name) if column in types else None
-            value = f"r.get({column!r})"
-            if convert is not None:
-                namespace[f"c{index}"] = convert
-                value = f"(None if (v{index} := {value}) is None else c{index}(v{index}))"
-            items.append(value if self.positional else f"{escaped.get(bind, bind)!r}: {value}")
+        names = [c.name for c in schema.columns]
+        at = [names.index(compiled.binds[bind].key) for bind in order]
+        self._build: Callable[[Sequence[Encoded]], Sequence[Any]]
+        if self.positional and at == list(range(len(names))):
+            self._build = lambda rows: rows  # the binds are the columns, in order
+            return
+        items = [
+            f"r[{i}]" if self.positional else f"{escaped.get(bind, bind)!r}: r[{i}]"
+            for bind, i in zip(order, at, strict=True)
+        ]
         body = f"({', '.join(items)},)" if self.positional else f"{{{', '.join(items)}}}"
+        namespace: dict[str, Any] = {}
         exec(f"def build(rows):\n    return [{body} for r in rows]", namespace)
-        self._build: Callable[[Sequence[Row]], list[Any]] = namespace["build"]
+        self._build = namespace["build"]
 
-    def parameters(self, rows: Sequence[Row]) -> list[Any]:
+    def parameters(self, rows: Sequence[Encoded]) -> Sequence[Any]:
         return self._build(rows)
 
 
@@ -198,20 +204,8 @@ class _PgCopy:
         select = sa.select(*[staged.c[n] for n in names])
         upsert = target._upsert_statement(table, schema, source=select)
         self.insert: str = upsert.compile(dialect=dialect).string
-        # The values as the row path binds them (``_converter``), in column order.
-        namespace: dict[str, Any] = {}
-        values = []
-        for i, column in enumerate(schema.columns):
-            convert = _converter(column.type, "postgresql")
-            get = f"r.get({column.name!r})"
-            if convert is not None:
-                namespace[f"c{i}"] = convert
-                get = f"(None if (v{i} := {get}) is None else c{i}(v{i}))"
-            values.append(get)
-        exec(f"def build(rows):\n    return [({', '.join(values)},) for r in rows]", namespace)
-        self._build: Callable[[Sequence[Row]], list[tuple[Any, ...]]] = namespace["build"]
 
-    def write(self, conn: Connection, rows: Sequence[Row], *, new: bool = False) -> bool:
+    def write(self, conn: Connection, rows: Sequence[Encoded], *, new: bool = False) -> bool:
         """True when the batch is in; False when PostgreSQL refused it (nothing of it is
         left behind: it ran in a savepoint), so the row-by-row path takes over.
 
@@ -231,7 +225,7 @@ class _PgCopy:
                     raw.cursor() as cursor,
                     cursor.copy(self.copy_in) as copy,
                 ):
-                    for values in self._build(rows):
+                    for values in rows:  # encoded: the values in column order
                         copy.write_row(values)
                 return True
             except psycopg.Error:
@@ -243,7 +237,7 @@ class _PgCopy:
             with conn.begin_nested(), raw.cursor() as cursor:
                 cursor.execute(self.create)
                 with cursor.copy(self.copy) as copy:
-                    for values in self._build(rows):
+                    for values in rows:
                         copy.write_row(values)
                 cursor.execute(self.insert)
         except (psycopg.DataError, psycopg.IntegrityError, psycopg.errors.CardinalityViolation):
@@ -261,10 +255,22 @@ def _utc(value: datetime) -> datetime:
 
 def utc_text(value: datetime) -> str:
     """Fixed-width ISO-8601 UTC with microseconds and ``Z``: the SQLite storage form."""
-    text = value.isoformat(timespec="microseconds")
-    if text.endswith("+00:00"):
-        return text[:-6] + "Z"
-    return _utc(value).isoformat(timespec="microseconds")[:-6] + "Z"
+    offset = value.utcoffset()
+    if offset:  # naive is UTC already (``_utc``)
+        value = value.astimezone(UTC)
+    # A third of ``isoformat``'s time, which a load spends per timestamp of every row.
+    return "%04d-%s-%sT%s:%s:%s.%06dZ" % (  # noqa: UP031 - the fastest of the forms
+        value.year,
+        _TWO_DIGITS[value.month],
+        _TWO_DIGITS[value.day],
+        _TWO_DIGITS[value.hour],
+        _TWO_DIGITS[value.minute],
+        _TWO_DIGITS[value.second],
+        value.microsecond,
+    )
+
+
+_TWO_DIGITS = [f"{n:02d}" for n in range(60)]
 
 
 def _converter(kind: FieldType, dialect: str) -> Callable[[Any], Any] | None:
@@ -282,6 +288,72 @@ def _converter(kind: FieldType, dialect: str) -> Callable[[Any], Any] | None:
     if kind == "boolean" and (dialect == "sqlite" or mysql_like):
         return int
     return None
+
+
+def _decoder(kind: FieldType, dialect: str) -> Callable[[Any], Any] | None:
+    """The inverse of ``_converter``: a bound value as a read of the column returns it."""
+    if kind == "json":
+        return _sqlite_json
+    if kind == "timestamp":
+        return _sqlite_timestamp if dialect == "sqlite" else _as_utc
+    if kind == "boolean" and dialect in ("sqlite", "mysql", "mariadb"):
+        return bool
+    return None
+
+
+def row_codec(schema: RowSchema, dialect: str) -> RowCodec:
+    """The rows of ``schema`` as the driver of ``dialect`` binds them (see ``RowCodec``):
+    one generated function converts a row, a loop of per-column calls costing several
+    times more on a wide table."""
+    names = tuple(c.name for c in schema.columns)
+    converters = [
+        None if c.name in schema.key else _converter(c.type, dialect) for c in schema.columns
+    ]
+    namespace: dict[str, Any] = {"refused": _refusal(schema, converters)}
+    items = []
+    for index, (name, convert) in enumerate(zip(names, converters, strict=True)):
+        value = f"r.get({name!r})"
+        if convert is not None:
+            namespace[f"c{index}"] = convert
+            value = f"(None if (v{index} := {value}) is None else c{index}(v{index}))"
+        items.append(value)
+    exec(
+        "def encode(r):\n"
+        f"    try:\n        return ({', '.join(items)},)\n"
+        "    except Exception:\n        refused(r)\n        raise",
+        namespace,
+    )
+    decoders = [
+        None if n in schema.key else _decoder(c.type, dialect)
+        for n, c in zip(names, schema.columns, strict=True)
+    ]
+
+    def decode(values: Encoded) -> dict[str, Any]:
+        return {
+            name: value if decode is None or value is None else decode(value)
+            for name, value, decode in zip(names, values, decoders, strict=True)
+        }
+
+    return RowCodec(names, namespace["encode"], decode)
+
+
+def _refusal(
+    schema: RowSchema, converters: Sequence[Callable[[Any], Any] | None]
+) -> Callable[[Row], None]:
+    def refused(row: Row) -> None:
+        """Raise ``RecordError`` naming the first column whose value cannot be bound."""
+        for column, convert in zip(schema.columns, converters, strict=True):
+            value = row.get(column.name)
+            if convert is None or value is None:
+                continue
+            try:
+                convert(value)
+            except Exception as exc:  # noqa: BLE001 - any refusal is the value's
+                raise RecordError(
+                    [FieldError(column.name, f"cannot be written as {column.type}: {exc}")]
+                ) from None
+
+    return refused
 
 
 def _family(sa_type: sa.types.TypeEngine[Any]) -> str:
@@ -308,6 +380,12 @@ _FITS: dict[str, set[str]] = {
     "timestamp": {"timestamp", "text"},
     "json": {"json", "text"},
 }
+
+
+def dialect_of(url: str) -> str:
+    """The SQLAlchemy dialect a target URL names (``postgres://`` is ``postgresql``)."""
+    scheme = normalise_url(url).split("://", 1)[0]
+    return scheme.split("+", 1)[0]
 
 
 def normalise_url(url: str) -> str:
@@ -400,7 +478,15 @@ class SqlTarget:
         self._exists = False
         self._upsert: Any = None
         self._copy: _PgCopy | None = None
+        self._codec: RowCodec | None = None
+        self._key_at: tuple[int, ...] = ()  # the key columns' places in an encoded row
         self._queries: dict[Any, Any] = {}  # statements built once per prepare
+
+    @classmethod
+    def row_codec(cls, settings: SqlTargetSettings, schema: RowSchema) -> RowCodec:
+        """How a run encodes this target's rows (``HasRowCodec``): known from the URL's
+        dialect, before any connection."""
+        return row_codec(schema, dialect_of(settings.url))
 
     def __repr__(self) -> str:
         return f"SqlTarget({safe_url(self.engine)}, table={self.settings.table!r})"
@@ -439,6 +525,8 @@ class SqlTarget:
             ) from exc
         self._exists = exists
         self._queries = {}
+        self._codec = row_codec(schema, self.dialect)
+        self._key_at = tuple(self._codec.names.index(k) for k in schema.key)
         self._table = self._build_table(schema)
         self._upsert = _DriverStatement(
             self._upsert_statement(self._table, schema), self.engine.dialect, schema
@@ -644,43 +732,70 @@ class SqlTarget:
             raise TargetError("prepare() must be called before writing")
         return self._table, self._schema
 
-    def preview(self, rows: Sequence[Row]) -> list[RowResult]:
+    def _key_of(self, row: Encoded) -> Key:
+        at = self._key_at
+        if len(at) == 1:
+            return (row[at[0]],)
+        return tuple([row[i] for i in at])
+
+    def _encoded(
+        self, rows: Sequence[Row] | Sequence[Encoded]
+    ) -> tuple[list[Encoded], list[RowResult]]:
+        """Rows as ``row_codec`` encodes them (a run's rows come encoded already), and a
+        FAILED result for each row whose values cannot be bound."""
+        if not rows or rows[0].__class__ is tuple:
+            return cast(list[Encoded], list(rows)), []
+        assert self._codec is not None
+        assert self._schema is not None
+        encode, key_of = self._codec.encode, self._schema.key_of
+        encoded, refused = [], []
+        for row in cast(Sequence[Row], rows):
+            try:
+                encoded.append(encode(row))
+            except RecordError as exc:
+                message = "; ".join(f"{e.field}: {e.message}" for e in exc.errors)
+                refused.append(RowResult(key_of(row), Outcome.FAILED, message))
+        return encoded, refused
+
+    def preview(self, rows: Sequence[Row] | Sequence[Encoded]) -> list[RowResult]:
         table, schema = self._ready()
+        encoded, refused = self._encoded(rows)
         if not self._exists:
-            return [
+            return refused + [
                 RowResult(
-                    schema.key_of(r),
+                    self._key_of(r),
                     Outcome.FAILED if schema.match_policy == "update_only" else Outcome.INSERTED,
                     _NO_ROW if schema.match_policy == "update_only" else None,
                 )
-                for r in rows
+                for r in encoded
             ]
         try:
             with self.engine.connect() as conn:
-                stored = self._stored(conn, table, schema, rows, lock=False)
+                stored = self._stored(conn, table, schema, encoded, lock=False)
                 conn.rollback()
         except SQLAlchemyError as exc:
             raise TargetError(f"cannot read {self.settings.table}: {_db_message(exc)}") from exc
-        return [result for result, _ in self._classify(schema, rows, stored)]
+        return refused + [result for result, _ in self._classify(schema, encoded, stored)]
 
-    def write(self, rows: Sequence[Row]) -> list[RowResult]:
+    def write(self, rows: Sequence[Row] | Sequence[Encoded]) -> list[RowResult]:
+        """Upsert rows, as dicts or as ``row_codec`` encodes them."""
         table, schema = self._ready()
-        if not rows:
-            return []
+        encoded, results = self._encoded(rows)
+        if not encoded:
+            return results
         try:
             with self.engine.begin() as conn:
-                stored = self._stored(conn, table, schema, rows, lock=True)
-                decided = self._classify(schema, rows, stored)
+                stored = self._stored(conn, table, schema, encoded, lock=True)
+                decided = self._classify(schema, encoded, stored)
                 to_write = [row for (result, row) in decided if row is not None]
                 failures = (
                     self._write_rows(conn, schema, to_write, new=not stored) if to_write else {}
                 )
-                ids = self._target_ids(conn, schema, rows) if self.settings.id_column else {}
+                ids = self._target_ids(conn, schema, encoded) if self.settings.id_column else {}
         except SQLAlchemyError as exc:
             raise TargetError(
-                f"writing {len(rows)} rows to {self.settings.table} failed: {_db_message(exc)}"
+                f"writing {len(encoded)} rows to {self.settings.table} failed: {_db_message(exc)}"
             ) from exc
-        results = []
         for result, _row in decided:
             message = failures.get(result.key)
             if message is not None:
@@ -691,7 +806,7 @@ class SqlTarget:
         return results
 
     def _target_ids(
-        self, conn: Connection, schema: RowSchema, rows: Sequence[Row]
+        self, conn: Connection, schema: RowSchema, rows: Sequence[Encoded]
     ) -> dict[Key, str]:
         column = self.settings.id_column
         assert column is not None
@@ -703,7 +818,7 @@ class SqlTarget:
             schema=self.settings.db_schema,
         )
         key_cols = [table.c[k] for k in schema.key]
-        keys = [schema.key_of(r) for r in rows]
+        keys = [self._key_of(r) for r in rows]
         found: dict[Key, str] = {}
         for start in range(0, len(keys), _IN_CHUNK):
             chunk = keys[start : start + _IN_CHUNK]
@@ -718,11 +833,11 @@ class SqlTarget:
         conn: Connection,
         table: sa.Table,
         schema: RowSchema,
-        rows: Sequence[Row],
+        rows: Sequence[Encoded],
         *,
         lock: bool,
     ) -> dict[Key, Row]:
-        keys = [schema.key_of(r) for r in rows]
+        keys = [self._key_of(r) for r in rows]
         if self.dialect == "postgresql" and len(schema.key) == 1:
             return self._stored_pg(conn, table, schema.key[0], keys, lock=lock)
         if self.dialect == "sqlite" and len(schema.key) == 1:
@@ -807,23 +922,27 @@ class SqlTarget:
         return out
 
     def _classify(
-        self, schema: RowSchema, rows: Sequence[Row], stored: Mapping[Key, Row]
-    ) -> list[tuple[RowResult, Row | None]]:
-        decided: list[tuple[RowResult, Row | None]] = []
+        self, schema: RowSchema, rows: Sequence[Encoded], stored: Mapping[Key, Row]
+    ) -> list[tuple[RowResult, Encoded | None]]:
+        decided: list[tuple[RowResult, Encoded | None]] = []
         guard = schema.guard
         columns = [c.name for c in schema.columns]
-        for row in rows:
-            key = schema.key_of(row)
+        assert self._codec is not None
+        decode = self._codec.decode
+        for encoded in rows:
+            key = self._key_of(encoded)
             current = stored.get(key)
             if current is None:
                 if schema.match_policy == "update_only":
                     decided.append((RowResult(key, Outcome.FAILED, _NO_ROW), None))
                 else:
-                    decided.append((RowResult(key, Outcome.INSERTED), row))
+                    decided.append((RowResult(key, Outcome.INSERTED), encoded))
                 continue
             if schema.match_policy == "create_only":
                 decided.append((RowResult(key, Outcome.UNCHANGED), None))
                 continue
+            # Compared as read back: the stored row, and this one as it would be stored.
+            row = decode(encoded)
             if guard is not None:
                 old, new = current.get(guard), row.get(guard)
                 if old is not None and new is not None:
@@ -832,16 +951,16 @@ class SqlTarget:
                         decided.append((RowResult(key, Outcome.STALE), None))
                         continue
                     if old < new:  # the guard column itself differs: no need to look further
-                        decided.append((RowResult(key, Outcome.UPDATED), row))
+                        decided.append((RowResult(key, Outcome.UPDATED), encoded))
                         continue
             if all(_same(current.get(name), row.get(name)) for name in columns):
                 decided.append((RowResult(key, Outcome.UNCHANGED), None))
             else:
-                decided.append((RowResult(key, Outcome.UPDATED), row))
+                decided.append((RowResult(key, Outcome.UPDATED), encoded))
         return decided
 
     def _write_rows(
-        self, conn: Connection, schema: RowSchema, rows: Sequence[Row], *, new: bool = False
+        self, conn: Connection, schema: RowSchema, rows: Sequence[Encoded], *, new: bool = False
     ) -> dict[Key, str]:
         """The batch in bulk where the dialect has a bulk path (once: its staging table
         holds one batch a transaction), else, or when refused, row by row. ``new``: none
@@ -855,7 +974,7 @@ class SqlTarget:
         return self._write_isolating(conn, schema, rows)
 
     def _write_isolating(
-        self, conn: Connection, schema: RowSchema, rows: Sequence[Row]
+        self, conn: Connection, schema: RowSchema, rows: Sequence[Encoded]
     ) -> dict[Key, str]:
         """Write rows in a savepoint; when the database refuses, split the batch in halves
         until the refused rows stand alone, and return their messages by key."""
@@ -866,14 +985,14 @@ class SqlTarget:
         except (IntegrityError, DataError, OverflowError) as exc:
             # OverflowError: the sqlite3 driver refuses an integer beyond 64 bits itself.
             if len(rows) == 1:
-                return {schema.key_of(rows[0]): _db_message(exc)}
+                return {self._key_of(rows[0]): _db_message(exc)}
         except DBAPIError as exc:
             if exc.connection_invalidated or (len(rows) > 1 and not _row_level(exc)):
                 raise
             if len(rows) == 1:
                 if not _row_level(exc):
                     raise
-                return {schema.key_of(rows[0]): _db_message(exc)}
+                return {self._key_of(rows[0]): _db_message(exc)}
         middle = len(rows) // 2
         failures = self._write_isolating(conn, schema, rows[:middle])
         failures.update(self._write_isolating(conn, schema, rows[middle:]))
