@@ -890,10 +890,11 @@ class SqlTarget:
         self, conn: Connection, table: sa.Table, key: str, keys: Sequence[Key]
     ) -> dict[Key, Row]:
         """The batch's stored rows through the driver's own cursor, each value decoded as
-        the column's type would have (``_sqlite_decoder``): SQLAlchemy's result machinery
+        the column's type would have (``_sqlite_decoder``) when it is first read: a row
+        whose guard column decides is never decoded whole. SQLAlchemy's result machinery
         cost more than SQLite's work. The cursor is the connection's: same transaction."""
         names = [c.name for c in table.columns if self._present is None or c.name in self._present]
-        decoders = [_sqlite_decoder(table.c[n].type) for n in names]
+        decoders = {n: (i, _sqlite_decoder(table.c[n].type)) for i, n in enumerate(names)}
         where = names.index(key)
         preparer = self.engine.dialect.identifier_preparer
         head = (
@@ -912,11 +913,7 @@ class SqlTarget:
                     )
                 cursor.execute(sql, chunk)
                 for stored in cursor.fetchall():
-                    values = [
-                        v if decode is None or v is None else decode(v)
-                        for v, decode in zip(stored, decoders, strict=True)
-                    ]
-                    out[(values[where],)] = dict(zip(names, values, strict=True))
+                    out[(stored[where],)] = _StoredRow(stored, decoders)
         finally:
             cursor.close()
         return out
@@ -929,6 +926,9 @@ class SqlTarget:
         columns = [c.name for c in schema.columns]
         assert self._codec is not None
         decode = self._codec.decode
+        if guard is not None:
+            guard_at = self._codec.names.index(guard)
+            guard_value = _decoder(schema.column(guard).type, self.dialect) or (lambda v: v)
         for encoded in rows:
             key = self._key_of(encoded)
             current = stored.get(key)
@@ -942,10 +942,10 @@ class SqlTarget:
                 decided.append((RowResult(key, Outcome.UNCHANGED), None))
                 continue
             # Compared as read back: the stored row, and this one as it would be stored.
-            row = decode(encoded)
             if guard is not None:
-                old, new = current.get(guard), row.get(guard)
+                old, new = current.get(guard), encoded[guard_at]
                 if old is not None and new is not None:
+                    new = guard_value(new)
                     old, new = _as_utc(old), _as_utc(new)
                     if old > new:
                         decided.append((RowResult(key, Outcome.STALE), None))
@@ -953,6 +953,7 @@ class SqlTarget:
                     if old < new:  # the guard column itself differs: no need to look further
                         decided.append((RowResult(key, Outcome.UPDATED), encoded))
                         continue
+            row = decode(encoded)
             if all(_same(current.get(name), row.get(name)) for name in columns):
                 decided.append((RowResult(key, Outcome.UNCHANGED), None))
             else:
@@ -1084,6 +1085,29 @@ def _db_message(exc: BaseException) -> str:
     orig = getattr(exc, "orig", None)
     text = str(orig if orig is not None else exc)
     return " ".join(text.split())[:1000]
+
+
+class _StoredRow(Mapping[str, Any]):
+    """A row the SQLite pre-read found, its values decoded as they are read."""
+
+    __slots__ = ("_decoders", "_values")
+
+    def __init__(
+        self, values: Sequence[Any], decoders: Mapping[str, tuple[int, Callable[[Any], Any] | None]]
+    ) -> None:
+        self._values = values
+        self._decoders = decoders
+
+    def __getitem__(self, name: str) -> Any:
+        at, decode = self._decoders[name]
+        value = self._values[at]
+        return value if decode is None or value is None else decode(value)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._decoders)
+
+    def __len__(self) -> int:
+        return len(self._decoders)
 
 
 def _sqlite_json(value: Any) -> Any:
