@@ -349,6 +349,7 @@ class _Worker(_Stream):
 
     def _receive(self) -> Iterator[_Prepared]:
         done = 0
+        parts: list[_Prepared] = []  # the current batch's, as the worker prepared them
         while True:
             # Resumed: the batch yielded last is applied, and this process is idle now.
             _FRAME.pack_into(self._done, 0, done)
@@ -358,15 +359,20 @@ class _Worker(_Stream):
             if len(blob) != size or size < 0:
                 raise CustsyncError("the run's worker process ended unexpectedly")
             kind, payload = pickle.loads(blob)
+            if kind == "part":
+                parts.append(payload)
+                continue
             if kind == "batch":
-                prepared, unprepared = payload  # the worker's part, and the rest for here
+                prepared, unprepared = payload  # the worker's last part, and the rest for here
+                if prepared is not None:
+                    parts.append(prepared)
                 if unprepared is not None:
-                    rest = self._prepare(unprepared)
-                    if prepared is None:
-                        prepared = rest
-                    else:
-                        prepared.extend(rest)
-                yield prepared
+                    parts.append(self._prepare(unprepared))
+                whole = parts[0]
+                for part in parts[1:]:
+                    whole.extend(part)
+                parts = []
+                yield whole
             elif kind == "end":
                 return
             else:
@@ -396,8 +402,10 @@ def _work(
     """The worker process's life: batches into the pipe, then "end".
 
     A batch is prepared here, a stretch of records at a time, while the writer is busy
-    with the batch before; once the writer has applied all it was sent, the rest of the
-    batch goes as read and the writer prepares it, while this process reads on. Either
+    with the batch before, each stretch sent ("part") as the next is begun; once the
+    writer has applied all it was sent, the last stretch and the rest of the batch, as
+    read, end the batch ("batch"): the writer prepares that rest while this process reads
+    on. Either
     side may be the slower one (an incremental run mostly reads and skips; an initial
     load into SQLite mostly writes), so the work balances itself as it goes, and neither
     process waits long for the other. The outcome is the one a single process would
@@ -427,19 +435,19 @@ def _work(
 
     try:
         for sent, batch in enumerate(read()):  # sent: batches sent before this one
-            records, at, head = batch.records, 0, None
+            records, at, last = batch.records, 0, None
             while at < len(records) and sent > _FRAME.unpack_from(done)[0]:
-                part = prepare(_part(batch, at, at + _STRETCH))
-                packed = PackedRecords.pack([c.record for c in part.candidates])
-                for candidate, record in zip(part.candidates, packed, strict=True):
+                if last is not None:
+                    # Sent as soon as the next is begun: when the writer turns to this
+                    # batch, only the stretch in hand is still to come.
+                    send(("part", last))
+                last = prepare(_part(batch, at, at + _STRETCH))
+                packed = PackedRecords.pack([c.record for c in last.candidates])
+                for candidate, record in zip(last.candidates, packed, strict=True):
                     candidate.record = record
-                if head is None:
-                    head = part
-                else:
-                    head.extend(part)
                 at += _STRETCH
-            tail = _part(batch, at, len(records)) if head is None or at < len(records) else None
-            send(("batch", (head, tail)))
+            tail = _part(batch, at, len(records)) if last is None or at < len(records) else None
+            send(("batch", (last, tail)))
         send(("end", None))
         return 0
     except BrokenPipeError:

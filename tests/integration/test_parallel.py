@@ -216,6 +216,23 @@ def test_large_batches_end_alike_in_parallel(tmp_path: Path) -> None:
     assert len(rows) == summary["inserted"] + summary["updated"]
 
 
+def test_a_slow_writer_gets_batches_in_parts_and_ends_alike(tmp_path: Path) -> None:
+    """A writer slower than the worker (here: a progress callback that sleeps) takes
+    every batch as stretches the worker sent while it was busy; the outcome is the one
+    of a single process."""
+    input_file = sprinkled_input(tmp_path / "customers.jsonl", 3_000, seed=13)
+    outcomes = []
+    for parallel in ("true", "false"):
+        folder = tmp_path / f"parallel-{parallel}"
+        job_file = file_job(
+            folder, input_file, f"batch_size = 1000\nmax_rejects = 1000\nparallel = {parallel}"
+        )
+        result = Job.from_file(job_file).run(progress=lambda counts: time.sleep(0.3))
+        outcomes.append((summary_of(result), rejects_without_run(job_file), rows_of(folder)))
+    assert outcomes[0] == outcomes[1]
+    assert outcomes[0][0]["status"] == "ok"
+
+
 def test_a_batch_prepared_in_parts_is_the_batch_prepared_whole(tmp_path: Path) -> None:
     """What the worker prepares of a batch and what the writer prepares of the rest,
     joined, are the batch prepared at once, for every place the line may fall; and the
