@@ -2,10 +2,11 @@
 
 Batches are written as they come, so a key may meet its duplicate in a later batch after
 the first record was committed. The ledger remembers, per key, the record that holds the
-key so far (its ``updated_at``, order, id, outcome and content) in a scratch SQLite file,
-so memory stays flat however many keys a run sees. When a later record wins, the earlier
-one becomes the loser after the fact: the engine moves it from its count to
-``duplicates`` and writes it to the rejects file.
+key so far (its ``updated_at``, order, id, outcome and content): up to a bound of them in
+a compact table in memory, the rest in a scratch SQLite file, so memory stays flat
+however many keys a run sees. When a later record wins, the earlier one becomes the loser
+after the fact: the engine moves it from its count to ``duplicates`` and writes it to the
+rejects file.
 """
 
 from __future__ import annotations
@@ -13,27 +14,35 @@ from __future__ import annotations
 import os
 import pickle
 import sqlite3
+import struct
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from operator import itemgetter
 from pathlib import Path
 from typing import Any, Literal
 
 import orjson
 
 from custsync.model import SECRET_KEYS
-from custsync.targets.base import Key
+from custsync.targets.base import Key, Outcome
 
 Policy = Literal["keep_latest", "keep_first", "merge", "reject"]
 _EPOCH = datetime.min.replace(tzinfo=UTC)
 _CHUNK = 500
 _SPILL_CHUNK = 32
+# Holders kept in memory (about 170 bytes each) before they move to the scratch file: a
+# run of 100,000 keys never touches the file, a larger one moves them in sorted runs,
+# which SQLite takes several times faster than each batch's scattered keys.
+_MEMORY_KEYS = 200_000
+# In memory a holder is one bytes object: this head, then its id when that is not its key.
+_HEAD = struct.Struct("<qqqIIb")  # ts in microseconds (or _NO_TS), seq, at, size, item, outcome
+_NO_TS = -(2**63)
+_OUTCOMES: tuple[str | None, ...] = (None, *(outcome.value for outcome in Outcome))
+_OUTCOME_CODES = {outcome: code for code, outcome in enumerate(_OUTCOMES)}
 # updated_at kept as whole microseconds since 1970: exact, so ties stay ties.
 _UNIX = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
-_first = itemgetter(0)
 
 
 class PackedRecords:
@@ -158,13 +167,21 @@ def _merge(ranked: Sequence[Candidate]) -> dict[str, Any]:
 class Ledger:
     """Who holds each key so far in this run.
 
-    A small table (key, ``updated_at``, order, id, outcome) in a scratch SQLite file finds
-    holders by key; their records, needed only when a holder later loses, are appended to
-    a spill file beside it and read back by offset. Both go when the run ends.
+    A table (key, ``updated_at``, order, id, outcome) finds holders by key: up to
+    ``memory_keys`` of its rows in memory, then all of them moved, in key order, to a
+    scratch SQLite file. Their records, needed only when a holder later loses, are
+    appended to a spill file beside it and read back by offset. The files go when the run
+    ends.
     """
 
-    def __init__(self, policy: Policy, *, directory: Path | None = None) -> None:
+    def __init__(
+        self, policy: Policy, *, directory: Path | None = None, memory_keys: int = _MEMORY_KEYS
+    ) -> None:
         self.policy = policy
+        self._memory_keys = memory_keys
+        self._recent: dict[str, bytes] = {}  # key -> _HEAD, then the id if not the key
+        self._recent_rows: dict[str, bytes] = {}  # merge only: key -> its pickled row
+        self._stored = 0  # holders moved to the file
         self._dir = tempfile.TemporaryDirectory(prefix="custsync-run-", dir=directory)
         folder = Path(self._dir.name)
         self._db = sqlite3.connect(folder / "ledger.db")
@@ -181,7 +198,6 @@ class Ledger:
         )
         self._spill = (folder / "records.jsonl").open("w+b")
         self._end = 0
-        self._seen = 0
 
     def close(self) -> None:
         self._db.close()
@@ -206,22 +222,42 @@ class Ledger:
         return chunk[item]
 
     def _holders(self, keys: Sequence[Key]) -> dict[Key, Candidate]:
-        if self._seen == 0:
-            return {}
         found: dict[Key, Candidate] = {}
+        if not self._recent and not self._stored:
+            return found
         spilled: dict[int, list[Any]] = {}
-        encoded = {self._key(k): k for k in keys}
-        chunks = list(encoded)
+        recent, rows = self._recent, self._recent_rows
+        elsewhere: dict[str, Key] = {}  # keys not in memory: in the file, or new
+        for key in keys:
+            text = self._key(key)
+            held = recent.get(text)
+            if held is None:
+                elsewhere[text] = key
+                continue
+            ts, seq, at, size, item, outcome = _HEAD.unpack_from(held)
+            row = rows.get(text)
+            found[key] = Candidate(
+                key,
+                _UNIX + timedelta(microseconds=ts) if ts != _NO_TS else None,
+                seq,
+                held[_HEAD.size :].decode() or text,
+                self._record(at, size, item, spilled),
+                pickle.loads(row) if row is not None else {},
+                _OUTCOMES[outcome],
+            )
+        if not self._stored or not elsewhere:
+            return found
+        chunks = list(elsewhere)
         for start in range(0, len(chunks), _CHUNK):
             chunk = chunks[start : start + _CHUNK]
             marks = ",".join("?" * len(chunk))
-            rows = self._db.execute(
+            stored = self._db.execute(
                 "SELECT key, ts, seq, source_id, outcome, at, size, item, row FROM holder "
                 f"WHERE key IN ({marks})",
                 chunk,
             )
-            for encoded_key, ts, seq, source_id, outcome, at, size, item, row in rows:
-                key = encoded[encoded_key]
+            for text, ts, seq, source_id, outcome, at, size, item, row in stored:
+                key = elsewhere[text]
                 found[key] = Candidate(
                     key,
                     _UNIX + timedelta(microseconds=ts) if ts is not None else None,
@@ -281,28 +317,27 @@ class Ledger:
         """Record the new holders of their keys (after the target's write)."""
         if not holders:
             return
-        self._seen += len(holders)
         # Records lose their top-level secrets before they touch the scratch files; rows
         # are kept only where a later record may merge into them.
         keep_rows = self.policy == "merge"
-        entries: list[tuple[Any, ...]] = []
+        recent, rows, pack_head = self._recent, self._recent_rows, _HEAD.pack
+        codes = _OUTCOME_CODES
 
-        def entry(candidate: Candidate, at: int, size: int, item: int) -> None:
-            entries.append(
-                (
-                    self._key(candidate.key),
-                    (candidate.ts - _UNIX) // _MICROSECOND if candidate.ts else None,
-                    candidate.seq,
-                    candidate.source_id,
-                    candidate.outcome,
-                    at,
-                    size,
-                    item,
-                    pickle.dumps(candidate.row, protocol=pickle.HIGHEST_PROTOCOL)
-                    if keep_rows
-                    else None,
-                )
+        def hold(candidate: Candidate, at: int, size: int, item: int) -> None:
+            text = self._key(candidate.key)
+            ts = candidate.ts
+            head = pack_head(
+                (ts - _UNIX) // _MICROSECOND if ts is not None else _NO_TS,
+                candidate.seq,
+                at,
+                size,
+                item,
+                codes[candidate.outcome],
             )
+            source_id = candidate.source_id
+            recent[text] = head if source_id == text else head + source_id.encode()
+            if keep_rows:
+                rows[text] = pickle.dumps(candidate.row, protocol=pickle.HIGHEST_PROTOCOL)
 
         self._spill.seek(self._end)
         # A parallel run's records come packed (``PackedRecords``): each array is spilled
@@ -321,21 +356,47 @@ class Ledger:
                 place = spilled[id(pack)] = (self._end, len(pack.scrubbed))
                 self._spill.write(pack.scrubbed)
                 self._end += len(pack.scrubbed)
-            entry(candidate, *place, record.item)
+            hold(candidate, *place, record.item)
         for start in range(0, len(plain), _SPILL_CHUNK):
             part = plain[start : start + _SPILL_CHUNK]
             blob = orjson.dumps([_scrub(c.record) for c in part], default=str)
             self._spill.write(blob)
             for item, candidate in enumerate(part):
-                entry(candidate, self._end, len(blob), item)
+                hold(candidate, self._end, len(blob), item)
             self._end += len(blob)
         self._spill.flush()
+        if len(recent) >= self._memory_keys:
+            self._store_recent()
+
+    def _store_recent(self) -> None:
+        """Move the holders in memory to the file, in key order: SQLite then visits each
+        page of its key index once for the lot."""
+        rows = self._recent_rows
+        entries = []
+        for text in sorted(self._recent):
+            held = self._recent[text]
+            ts, seq, at, size, item, outcome = _HEAD.unpack_from(held)
+            entries.append(
+                (
+                    text,
+                    ts if ts != _NO_TS else None,
+                    seq,
+                    held[_HEAD.size :].decode() or text,
+                    _OUTCOMES[outcome],
+                    at,
+                    size,
+                    item,
+                    rows.get(text),
+                )
+            )
         # The connection stays in one transaction for the whole run (sqlite3 opens it at
-        # the first INSERT): without a journal, a commit per batch would only cost time.
-        entries.sort(key=_first)  # in key order: each B-tree page is visited once a batch
+        # the first INSERT): without a journal, a commit would only cost time.
         self._db.executemany(
             "INSERT OR REPLACE INTO holder VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", entries
         )
+        self._stored += len(entries)
+        self._recent.clear()
+        self._recent_rows.clear()
 
 
 def _scrub(record: Mapping[str, Any]) -> Mapping[str, Any]:

@@ -9,6 +9,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from custsync.dedupe import Candidate, Ledger, PackedRecord, PackedRecords
 
 T0 = datetime(2026, 1, 5, 8, 0, tzinfo=UTC)
@@ -67,3 +70,59 @@ def test_a_packed_holder_that_loses_later_is_read_back_without_its_secrets(
     unseated = resolution.unseated[("a",)]
     assert dict(unseated.record) == record("a")  # as read, less the password
     assert unseated.outcome == "inserted"
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    batches=st.lists(
+        st.lists(
+            st.tuples(
+                st.sampled_from(["a", "b", "c", "d", "e", "f", "g"]),
+                st.one_of(st.none(), st.integers(0, 5)),
+                st.booleans(),
+                st.sampled_from(["", "x", "y"]),
+            ),
+            max_size=6,
+        ),
+        max_size=8,
+    ),
+    policy=st.sampled_from(["keep_latest", "keep_first", "merge", "reject"]),
+)
+def test_holders_moved_to_the_file_resolve_as_those_kept_in_memory(
+    tmp_path: Path, batches: list[list[tuple[str, int | None, bool, str]]], policy: Any
+) -> None:
+    # The ledger keeps a bounded number of holders in memory and moves them to its file:
+    # where a holder lives must never change a resolution.
+    def run(memory_keys: int) -> list[Any]:
+        seen: list[Any] = []
+        seq = 0
+        with Ledger(policy, directory=tmp_path, memory_keys=memory_keys) as ledger:
+            for batch in batches:
+                candidates = []
+                for key, seconds, own_id, name in batch:
+                    seq += 1
+                    rec = record(key, name=name)
+                    stamp = T0 + timedelta(seconds=seconds) if seconds is not None else None
+                    source_id = f"{key}-{seq}" if own_id else key
+                    candidates.append(Candidate((key,), stamp, seq, source_id, rec, {"n": name}))
+                resolution = ledger.resolve(candidates)
+                committed = resolution.winners + resolution.rewrites
+                for n, candidate in enumerate(committed):
+                    candidate.outcome = "inserted" if n % 2 else "updated"
+                ledger.commit(committed)
+                seen.append(
+                    (
+                        [(c.key, c.seq, c.row) for c in resolution.winners],
+                        [(lo.seq, w.seq) for lo, w in resolution.losers],
+                        {
+                            k: (c.seq, c.ts, c.source_id, c.outcome, dict(c.record), c.row)
+                            for k, c in resolution.unseated.items()
+                        },
+                        [(c.key, c.seq, c.row, c.outcome) for c in resolution.rewrites],
+                    )
+                )
+        return seen
+
+    assert run(memory_keys=2) == run(memory_keys=1_000_000)
