@@ -31,10 +31,10 @@ Policy = Literal["keep_latest", "keep_first", "merge", "reject"]
 _EPOCH = datetime.min.replace(tzinfo=UTC)
 _CHUNK = 500
 _SPILL_CHUNK = 32
-# Holders kept in memory (about 170 bytes each) before they move to the scratch file: a
-# run of 100,000 keys never touches the file, a larger one moves them in sorted runs,
-# which SQLite takes several times faster than each batch's scattered keys.
-_MEMORY_KEYS = 200_000
+# Holders kept in memory (about 190 bytes each: 28 MB at most) before they move to the
+# scratch file: a run of 100,000 keys never touches the file, a larger one moves them in
+# sorted runs, which SQLite takes several times faster than each batch's scattered keys.
+_MEMORY_KEYS = 150_000
 # In memory a holder is one bytes object: this head, then its id when that is not its key.
 _HEAD = struct.Struct("<qqqIIb")  # ts in microseconds (or _NO_TS), seq, at, size, item, outcome
 _NO_TS = -(2**63)
@@ -370,14 +370,15 @@ class Ledger:
 
     def _store_recent(self) -> None:
         """Move the holders in memory to the file, in key order: SQLite then visits each
-        page of its key index once for the lot."""
-        rows = self._recent_rows
-        entries = []
-        for text in sorted(self._recent):
-            held = self._recent[text]
-            ts, seq, at, size, item, outcome = _HEAD.unpack_from(held)
-            entries.append(
-                (
+        page of its key index once for the lot. The rows are made as SQLite takes them
+        (a list of them all would double the ledger's memory for the moment)."""
+        recent, rows = self._recent, self._recent_rows
+
+        def entries() -> Iterator[tuple[Any, ...]]:
+            for text in sorted(recent):
+                held = recent[text]
+                ts, seq, at, size, item, outcome = _HEAD.unpack_from(held)
+                yield (
                     text,
                     ts if ts != _NO_TS else None,
                     seq,
@@ -388,15 +389,15 @@ class Ledger:
                     item,
                     rows.get(text),
                 )
-            )
+
         # The connection stays in one transaction for the whole run (sqlite3 opens it at
         # the first INSERT): without a journal, a commit would only cost time.
         self._db.executemany(
-            "INSERT OR REPLACE INTO holder VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", entries
+            "INSERT OR REPLACE INTO holder VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", entries()
         )
-        self._stored += len(entries)
-        self._recent.clear()
-        self._recent_rows.clear()
+        self._stored += len(recent)
+        recent.clear()
+        rows.clear()
 
 
 def _scrub(record: Mapping[str, Any]) -> Mapping[str, Any]:
