@@ -405,10 +405,9 @@ def _work(
     with the batch before, each stretch sent ("part") as the next is begun; once the
     writer has applied all it was sent, the last stretch and the rest of the batch, as
     read, end the batch ("batch"): the writer prepares that rest while this process reads
-    on. Either
-    side may be the slower one (an incremental run mostly reads and skips; an initial
-    load into SQLite mostly writes), so the work balances itself as it goes, and neither
-    process waits long for the other. The outcome is the one a single process would
+    on. Either side may be the slower one (an incremental run mostly reads and skips; an
+    initial load into SQLite mostly writes), so the work balances itself as it goes, and
+    neither process waits long for the other. The outcome is the one a single process would
     have: ``_Run._prepare`` is pure and record by record, and the writer puts the two
     parts of a batch back together before it applies it."""
     gc.freeze()  # inherited objects are never collected here: none of their finalisers run

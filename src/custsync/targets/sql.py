@@ -330,8 +330,8 @@ def row_codec(schema: RowSchema, dialect: str) -> RowCodec:
 
     def decode(values: Encoded) -> dict[str, Any]:
         return {
-            name: value if decode is None or value is None else decode(value)
-            for name, value, decode in zip(names, values, decoders, strict=True)
+            name: value if read is None or value is None else read(value)
+            for name, value, read in zip(names, values, decoders, strict=True)
         }
 
     return RowCodec(names, namespace["encode"], decode)
