@@ -240,7 +240,7 @@ class Ledger:
                 key,
                 _UNIX + timedelta(microseconds=ts) if ts != _NO_TS else None,
                 seq,
-                held[_HEAD.size :].decode() or text,
+                held[_HEAD.size :].decode(errors="surrogatepass") or text,
                 self._record(at, size, item, spilled),
                 pickle.loads(row) if row is not None else {},
                 _OUTCOMES[outcome],
@@ -335,7 +335,9 @@ class Ledger:
                 codes[candidate.outcome],
             )
             source_id = candidate.source_id
-            recent[text] = head if source_id == text else head + source_id.encode()
+            recent[text] = (
+                head if source_id == text else head + source_id.encode(errors="surrogatepass")
+            )
             if keep_rows:
                 rows[text] = pickle.dumps(candidate.row, protocol=pickle.HIGHEST_PROTOCOL)
 
@@ -382,7 +384,7 @@ class Ledger:
                     text,
                     ts if ts != _NO_TS else None,
                     seq,
-                    held[_HEAD.size :].decode() or text,
+                    held[_HEAD.size :].decode(errors="surrogatepass") or text,
                     _OUTCOMES[outcome],
                     at,
                     size,

@@ -126,3 +126,16 @@ def test_holders_moved_to_the_file_resolve_as_those_kept_in_memory(
         return seen
 
     assert run(memory_keys=2) == run(memory_keys=1_000_000)
+
+
+def test_an_id_that_is_not_valid_unicode_is_held_as_it_was(tmp_path: Path) -> None:
+    # A record's id may be a file's location, and a Linux file name need not be UTF-8
+    # (Python keeps its bytes as lone surrogates): the ledger gives it back unchanged.
+    odd = "customers-\udcff.csv:2"
+    with Ledger("keep_latest", directory=tmp_path) as ledger:
+        first = Candidate(("k",), T0, 1, odd, record("k"), {})
+        first.outcome = "inserted"
+        ledger.commit([first])
+        later = candidate(record("k"), seconds=5)
+        resolution = ledger.resolve([later])
+    assert resolution.unseated[("k",)].source_id == odd
