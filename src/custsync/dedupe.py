@@ -221,52 +221,49 @@ class Ledger:
             chunk = chunks[at] = orjson.loads(os.pread(self._spill.fileno(), size, at))
         return chunk[item]
 
+    def _held(self, text: str) -> tuple[Any, ...]:
+        """A holder kept in memory, as the file's table holds one (a ``holder`` row)."""
+        held = self._recent[text]
+        ts, seq, at, size, item, outcome = _HEAD.unpack_from(held)
+        return (
+            text,
+            ts if ts != _NO_TS else None,
+            seq,
+            held[_HEAD.size :].decode(errors="surrogatepass") or text,
+            _OUTCOMES[outcome],
+            at,
+            size,
+            item,
+            self._recent_rows.get(text),
+        )
+
     def _holders(self, keys: Sequence[Key]) -> dict[Key, Candidate]:
-        found: dict[Key, Candidate] = {}
         if not self._recent and not self._stored:
-            return found
-        spilled: dict[int, list[Any]] = {}
-        recent, rows = self._recent, self._recent_rows
-        elsewhere: dict[str, Key] = {}  # keys not in memory: in the file, or new
-        for key in keys:
-            text = self._key(key)
-            held = recent.get(text)
-            if held is None:
-                elsewhere[text] = key
-                continue
-            ts, seq, at, size, item, outcome = _HEAD.unpack_from(held)
-            row = rows.get(text)
-            found[key] = Candidate(
-                key,
-                _UNIX + timedelta(microseconds=ts) if ts != _NO_TS else None,
-                seq,
-                held[_HEAD.size :].decode(errors="surrogatepass") or text,
-                self._record(at, size, item, spilled),
-                pickle.loads(row) if row is not None else {},
-                _OUTCOMES[outcome],
-            )
-        if not self._stored or not elsewhere:
-            return found
-        chunks = list(elsewhere)
-        for start in range(0, len(chunks), _CHUNK):
-            chunk = chunks[start : start + _CHUNK]
+            return {}
+        encoded = {self._key(k): k for k in keys}
+        found_rows = [self._held(text) for text in encoded if text in self._recent]
+        elsewhere = [text for text in encoded if text not in self._recent] if self._stored else []
+        for start in range(0, len(elsewhere), _CHUNK):  # not in memory: in the file, or new
+            chunk = elsewhere[start : start + _CHUNK]
             marks = ",".join("?" * len(chunk))
-            stored = self._db.execute(
+            found_rows += self._db.execute(
                 "SELECT key, ts, seq, source_id, outcome, at, size, item, row FROM holder "
                 f"WHERE key IN ({marks})",
                 chunk,
             )
-            for text, ts, seq, source_id, outcome, at, size, item, row in stored:
-                key = elsewhere[text]
-                found[key] = Candidate(
-                    key,
-                    _UNIX + timedelta(microseconds=ts) if ts is not None else None,
-                    seq,
-                    source_id,
-                    self._record(at, size, item, spilled),
-                    pickle.loads(row) if row is not None else {},
-                    outcome,
-                )
+        found: dict[Key, Candidate] = {}
+        spilled: dict[int, list[Any]] = {}
+        for text, ts, seq, source_id, outcome, at, size, item, row in found_rows:
+            key = encoded[text]
+            found[key] = Candidate(
+                key,
+                _UNIX + timedelta(microseconds=ts) if ts is not None else None,
+                seq,
+                source_id,
+                self._record(at, size, item, spilled),
+                pickle.loads(row) if row is not None else {},
+                outcome,
+            )
         return found
 
     def resolve(self, candidates: Sequence[Candidate]) -> Resolution:
@@ -375,27 +372,11 @@ class Ledger:
         page of its key index once for the lot. The rows are made as SQLite takes them
         (a list of them all would double the ledger's memory for the moment)."""
         recent, rows = self._recent, self._recent_rows
-
-        def entries() -> Iterator[tuple[Any, ...]]:
-            for text in sorted(recent):
-                held = recent[text]
-                ts, seq, at, size, item, outcome = _HEAD.unpack_from(held)
-                yield (
-                    text,
-                    ts if ts != _NO_TS else None,
-                    seq,
-                    held[_HEAD.size :].decode(errors="surrogatepass") or text,
-                    _OUTCOMES[outcome],
-                    at,
-                    size,
-                    item,
-                    rows.get(text),
-                )
-
+        entries = (self._held(text) for text in sorted(recent))
         # The connection stays in one transaction for the whole run (sqlite3 opens it at
         # the first INSERT): without a journal, a commit would only cost time.
         self._db.executemany(
-            "INSERT OR REPLACE INTO holder VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", entries()
+            "INSERT OR REPLACE INTO holder VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", entries
         )
         self._stored += len(recent)
         recent.clear()

@@ -890,11 +890,12 @@ class SqlTarget:
         self, conn: Connection, table: sa.Table, key: str, keys: Sequence[Key]
     ) -> dict[Key, Row]:
         """The batch's stored rows through the driver's own cursor, each value decoded as
-        the column's type would have (``_sqlite_decoder``) when it is first read: a row
-        whose guard column decides is never decoded whole. SQLAlchemy's result machinery
-        cost more than SQLite's work. The cursor is the connection's: same transaction."""
+        the column's type would have (``_decoder``) when it is first read: a row whose
+        guard column decides is never decoded whole. SQLAlchemy's result machinery cost
+        more than SQLite's work. The cursor is the connection's: same transaction."""
+        _, schema = self._ready()
         names = [c.name for c in table.columns if self._present is None or c.name in self._present]
-        decoders = {n: (i, _sqlite_decoder(table.c[n].type)) for i, n in enumerate(names)}
+        decoders = {n: (i, _decoder(schema.column(n).type, "sqlite")) for i, n in enumerate(names)}
         where = names.index(key)
         preparer = self.engine.dialect.identifier_preparer
         head = (
@@ -1120,17 +1121,6 @@ def _sqlite_timestamp(value: Any) -> Any:
 
 
 _UTC_TIMESTAMP = UtcTimestamp()
-
-
-def _sqlite_decoder(kind: sa.types.TypeEngine[Any]) -> Callable[[Any], Any] | None:
-    """How the SQLite pre-read decodes a stored value of a column of ``kind``."""
-    if isinstance(kind, UtcTimestamp):
-        return _sqlite_timestamp
-    if isinstance(kind, sa.JSON):
-        return _sqlite_json
-    if isinstance(kind, sa.Boolean):
-        return bool
-    return None
 
 
 def _as_utc(value: Any) -> Any:
