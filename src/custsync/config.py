@@ -54,15 +54,21 @@ class SyncSettings(BaseModel):
     # Read, validate and map in a second process while this one writes (file sources,
     # Linux, 2+ cores); false keeps a run in one process.
     parallel: bool = True
+    # Commit a target that can hold a transaction across batches (SQL) at most this
+    # often, not every batch: a commit is a flush to disk. A crash re-does what was not
+    # committed (the checkpoint follows the commit); 0 commits every batch.
+    commit_interval: timedelta = timedelta(seconds=1)
     max_rejects: float = Field(default=0.01, ge=0)
     duplicates: Literal["keep_latest", "keep_first", "merge", "reject"] = "keep_latest"
     on_deleted: Literal["report", "flag", "delete"] = "report"
 
-    @field_validator("lookback", mode="before")
+    @field_validator("lookback", "commit_interval", mode="before")
     @classmethod
     def _duration(cls, value: Any) -> Any:
         if isinstance(value, str | int | float):
-            return parse_duration(value)
+            value = parse_duration(value)
+        if isinstance(value, timedelta) and value < timedelta(0):
+            raise ValueError("a duration cannot be negative")
         return value
 
     def rejects_exceeded(self, rejected: int, read: int) -> bool:

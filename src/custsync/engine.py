@@ -63,6 +63,7 @@ from custsync.targets.base import (
     RowResult,
     RowSchema,
     Target,
+    Transactional,
 )
 
 log = logging.getLogger("custsync")
@@ -226,6 +227,8 @@ class Job:
 class _ReplaySource:
     """Records of a rejects file, for ``--from-rejects``: they are Customer-shaped already
     (after any inbound mapping), so they go straight to validation."""
+
+    local = True  # see ``Source``
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -479,6 +482,57 @@ _FRAME = struct.Struct("<Q")  # each message: its length, then the pickle
 _STRETCH = 200  # records the worker prepares before it looks whether the writer waits
 
 
+class _Commits:
+    """A transaction across batches, committed once ``interval`` seconds have passed since
+    it began (or when the run stops or ends). Without a target (``None``) each batch
+    commits as it is written. The counts of rows written are the committed ones: a
+    transaction rolled back takes its rows' outcomes back out of them."""
+
+    def __init__(self, target: Transactional | None, interval: float, counts: Counter[str]) -> None:
+        self._target = target
+        self._interval = interval
+        self._counts = counts
+        self._since: float | None = None  # when the open transaction began
+        self._committed: dict[str, int] = {}
+
+    def join(self) -> None:
+        """Before a write: a transaction is open for it."""
+        if self._target is None or self._since is not None:
+            return
+        self._committed = {name: self._counts[name] for name in _WRITTEN}
+        self._target.begin()
+        self._since = time.monotonic()
+
+    def due(self, *, force: bool = False) -> bool:
+        """Whether the batches written so far should commit now."""
+        if self._since is None:
+            return True  # nothing held: the batch committed on its own
+        return force or time.monotonic() - self._since >= self._interval
+
+    def commit(self) -> None:
+        if self._target is None or self._since is None:
+            return
+        self._target.commit()  # when it fails, the transaction is still to roll back
+        self._since = None
+
+    def discard(self) -> int | None:
+        """Roll back a transaction still open (the run failed or was interrupted): how
+        many rows' outcomes it took back, or None when none was open."""
+        if self._target is None or self._since is None:
+            return None
+        self._since = None
+        self._target.rollback()
+        undone = 0
+        for name, value in self._committed.items():
+            undone += self._counts[name] - value
+            self._counts[name] = value
+        return undone
+
+
+# The outcomes a target reports: a transaction rolled back takes its rows' back out.
+_WRITTEN = ("inserted", "updated", "unchanged", "stale", "unknown")
+
+
 def _position(entry: tuple[int, int, Reject]) -> tuple[int, int]:
     return entry[0], entry[1]
 
@@ -541,6 +595,7 @@ class _Run:
         self.codec: RowCodec | None = None  # set once the run starts (``_row_codec``)
         self.notes: list[str] = []
         self.writeback: Any = None
+        self.commits = _Commits(None, 0.0, self.counts)  # the run's (``_commits``)
         self.written_back: Counter[str] = Counter()
 
     # --- the run as a list of stages --------------------------------------------------
@@ -600,6 +655,7 @@ class _Run:
         status, error, last_checkpoint, completed = "failed", None, None, False
         source: Source | None = None
         target: Target | None = None
+        commits: _Commits | None = None
         try:
             source = _ReplaySource(self.replay) if self.replay else self.job.make_source()
             paths = self.config.mapping.source_paths()
@@ -623,20 +679,43 @@ class _Run:
                 # Nothing is written, here or there, before the target is ready.
                 target = self.job.make_target()
                 self.notes += target.prepare(self.schema, create=not self.dry_run)
-                for batch in batches:
+                commits = self.commits = self._commits(source, target)
+                pending: Checkpoint | None = None  # written, not committed yet
+
+                def settle() -> None:
+                    """Commit what is written, then checkpoint it."""
+                    nonlocal pending, last_checkpoint
+                    commits.commit()
+                    if pending is not None:
+                        last_checkpoint, pending = pending, None
+                        self._checkpoint(store, last_checkpoint)
+
+                stream = iter(batches)
+                while True:
+                    try:
+                        batch = next(stream, None)
+                    except BaseException:
+                        # The source failed, or Ctrl-C came while it read: the batches
+                        # written are whole, and stay, as if each had committed alone.
+                        settle()
+                        raise
+                    if batch is None:
+                        settle()
+                        completed = True
+                        break
                     self._apply(batch, target, ledger, rejects)
                     rejects.flush()
                     if batch.checkpoint is not None:
-                        last_checkpoint = batch.checkpoint
-                        self._checkpoint(store, batch.checkpoint)
+                        pending = batch.checkpoint
+                    stopping = self.stop.is_set() or (
+                        self.limit is not None and self.counts["read"] >= self.limit
+                    )
+                    if commits.due(force=stopping):
+                        settle()
                     if self.progress is not None:
                         self.progress(self.counts)
-                    if self.stop.is_set() or (
-                        self.limit is not None and self.counts["read"] >= self.limit
-                    ):
+                    if stopping:
                         break
-                else:
-                    completed = True
             status = "ok" if completed or not self.stop.is_set() else "interrupted"
         except KeyboardInterrupt:
             status, error = "interrupted", "interrupted by Ctrl-C"
@@ -649,6 +728,12 @@ class _Run:
             status, error = "failed", f"unexpected {type(exc).__name__}: {exc}"
             log.exception("run %s of %s failed unexpectedly", self.run_id, self.config.name)
         finally:
+            undone = commits.discard() if commits is not None else None
+            if undone is not None:
+                self.notes.append(
+                    f"{undone} rows written since the run's last commit were rolled back "
+                    "(not counted): the next run writes them"
+                )
             for closeable in (source, target):
                 if closeable is not None:
                     try:
@@ -710,6 +795,24 @@ class _Run:
         if self.config.sync.parallel and _Worker.usable(source):
             return _Worker(read, prepare)
         return _Stream(prepared())
+
+    def _commits(self, source: Source, target: Target) -> _Commits:
+        """When the target commits: every ``commit_interval`` where it can hold a
+        transaction across batches and the source's batches come without waiting on a
+        remote (``Source.local``), else every batch: what a slow source (an API, an
+        export being made) sent is committed while it waits for more. A dry run writes
+        nothing; a run that writes ids back to Commerce Layer commits each batch before it
+        sends them."""
+        interval = self.config.sync.commit_interval.total_seconds()
+        if (
+            self.dry_run
+            or not getattr(source, "local", False)
+            or self.writeback is not None
+            or interval <= 0
+            or not isinstance(target, Transactional)
+        ):
+            return _Commits(None, 0.0, self.counts)
+        return _Commits(target, interval, self.counts)
 
     def _row_codec(self) -> RowCodec | None:
         """The target's row codec, when its class has one: rows are then encoded as they
@@ -976,6 +1079,7 @@ class _Run:
                 keys = [c.key for c in winners] + [c.key for c in resolution.rewrites]
                 results = [RowResult(key, Outcome.UNKNOWN) for key in keys]
         else:
+            self.commits.join()
             results = target.write(rows)
         by_key = {r.key: r for r in results}
         counts = self.counts

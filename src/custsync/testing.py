@@ -39,6 +39,7 @@ from custsync.targets.base import (
     RowResult,
     RowSchema,
     Target,
+    Transactional,
 )
 
 if TYPE_CHECKING:  # only for annotations: pytest is a dev dependency, not a runtime one
@@ -76,12 +77,19 @@ class MemorySource:
     ``ordered=True`` it behaves like the API: every batch carries a checkpoint (the
     greatest ``updated_at`` so far and ``{"offset": n}``, the records delivered so far)
     and ``read(cursor={"offset": n})`` resumes after the first ``n`` records.
+
+    ``local=True`` says, like a file source, that its reads never wait on a remote
+    (``Source``): a run then commits a ``Transactional`` target every
+    ``commit_interval``, not every batch.
     """
 
-    def __init__(self, records: Iterable[Mapping[str, Any]], *, ordered: bool = False) -> None:
+    def __init__(
+        self, records: Iterable[Mapping[str, Any]], *, ordered: bool = False, local: bool = False
+    ) -> None:
         # Normalised once: a resumed read must see the same records in the same order.
         self.records: list[dict[str, Any]] = [normalize(record) for record in records]
         self.ordered = ordered
+        self.local = local
 
     def __repr__(self) -> str:
         kind = "ordered" if self.ordered else "unordered"
@@ -162,19 +170,39 @@ class MemoryTarget:
     the rest of the batch commits. Like a database, it only sees rows that would be
     written (inserted or updated), never the unchanged or stale ones.
 
-    ``rows`` holds the stored rows by key (only the schema's columns, timestamps in UTC)
-    and ``writes`` counts calls to ``write``. Both stay readable after ``close()``, so a
-    test can look at them once a job has run.
+    It is ``Transactional``: after ``begin``, writes go to a transaction of their own,
+    which ``commit`` moves into ``rows`` and ``rollback`` (or ``close``) discards.
+
+    ``rows`` holds the committed rows by key (only the schema's columns, timestamps in
+    UTC), ``writes`` counts calls to ``write`` and ``commits`` calls to ``commit`` that
+    ended a transaction. They stay readable after ``close()``, so a test can look at them
+    once a job has run.
     """
 
     def __init__(self, *, refuse: Refusal | None = None) -> None:
         self.rows: dict[Key, dict[str, Any]] = {}
         self.schema: RowSchema | None = None
         self.writes = 0
+        self.commits = 0
         self.refuse = refuse
+        self._open: dict[Key, dict[str, Any]] | None = None  # the transaction's rows
 
     def __repr__(self) -> str:
         return f"MemoryTarget({len(self.rows)} rows, {self.writes} writes)"
+
+    def begin(self) -> None:
+        if self._open is not None:
+            raise RuntimeError("a transaction is open already")
+        self._open = {}
+
+    def commit(self) -> None:
+        if self._open is not None:
+            self.rows.update(self._open)
+            self._open = None
+            self.commits += 1
+
+    def rollback(self) -> None:
+        self._open = None
 
     def prepare(self, schema: RowSchema, *, create: bool = True) -> list[str]:
         self.schema = schema
@@ -184,16 +212,17 @@ class MemoryTarget:
         self.writes += 1
         schema = self._ready()
         decided = self._decide(schema, rows)
+        into = self._open if self._open is not None else self.rows
         for result, row in decided:
             if row is not None:
-                self.rows[result.key] = _stored_row(schema, row)
+                into[result.key] = _stored_row(schema, row)
         return [result for result, _ in decided]
 
     def preview(self, rows: Sequence[Row]) -> list[RowResult]:
         return [result for result, _ in self._decide(self._ready(), rows)]
 
     def close(self) -> None:
-        pass
+        self.rollback()
 
     def __enter__(self) -> Self:
         return self
@@ -221,7 +250,8 @@ class MemoryTarget:
                 # The engine dedupes before writing; a database would refuse the statement.
                 raise ValueError(f"key {key!r} appears twice in one write")
             seen.add(key)
-            result = _classify(schema, self.rows.get(key), row)
+            stored = self._open.get(key) if self._open is not None else None
+            result = _classify(schema, stored or self.rows.get(key), row)
             if result.outcome in (Outcome.INSERTED, Outcome.UPDATED):
                 message = self.refuse(row) if self.refuse is not None else None
                 if message is not None:
@@ -607,6 +637,73 @@ class TargetContract:
         with self.prepared(target_factory) as target:
             self.seed(target, [empty])
             self.assert_stored(target, empty)
+
+    # --- transactions across writes (``Transactional`` targets only) ------------------------
+
+    def transactional(self, target: Target) -> Transactional:
+        if not isinstance(target, Transactional):
+            import pytest
+
+            pytest.skip(f"{type(target).__name__} is not Transactional")
+        return target
+
+    def test_writes_after_begin_are_stored_at_commit_and_not_before(
+        self, target_factory: TargetFactory
+    ) -> None:
+        with self.prepared(target_factory) as target:
+            held = self.transactional(target)
+            held.begin()
+            first = [self.row(f"k{n}", n=n) for n in range(60)]
+            self.expect(target.write(first), {(r["key"],): Outcome.INSERTED for r in first})
+            # The next batch sees the first: its keys are held, by this transaction.
+            second = [self.row(f"k{n}", n=n + 1, updated_at=T1) for n in range(30, 90)]
+            self.expect(
+                target.write(second),
+                {
+                    **{(f"k{n}",): Outcome.UPDATED for n in range(30, 60)},
+                    **{(f"k{n}",): Outcome.INSERTED for n in range(60, 90)},
+                },
+            )
+            third = [self.row(f"k{n}", n=n + 2, updated_at=T1) for n in range(80, 90)]
+            third += [self.row(f"k{n}", n=n, updated_at=T1) for n in range(0, 10)]
+            results = target.write(third)
+            assert self.read_back(target, ("k0",)) is None, "a row was stored before commit"
+            held.commit()
+            self.expect(
+                results,
+                {
+                    **{(f"k{n}",): Outcome.UPDATED for n in range(80, 90)},
+                    **{(f"k{n}",): Outcome.UPDATED for n in range(0, 10)},  # updated_at
+                },
+            )
+            for row in [*first[10:30], *second[:50], *third]:
+                self.assert_stored(target, row)
+
+    def test_rollback_discards_every_write_since_begin(self, target_factory: TargetFactory) -> None:
+        with self.prepared(target_factory) as target:
+            held = self.transactional(target)
+            self.seed(target, [self.row("kept")])
+            held.begin()
+            target.write([self.row("gone")])
+            target.write([self.row("kept", name="changed", updated_at=T1)])
+            held.rollback()
+            assert self.read_back(target, ("gone",)) is None, "a row rolled back was stored"
+            self.assert_stored(target, self.row("kept"))
+            # Without a transaction open, a write commits on its own again.
+            self.expect(target.write([self.row("gone")]), {("gone",): Outcome.INSERTED})
+            self.assert_stored(target, self.row("gone"))
+
+    def test_closing_a_target_rolls_back_what_is_not_committed(
+        self, target_factory: TargetFactory
+    ) -> None:
+        with self.prepared(target_factory) as target:
+            held = self.transactional(target)
+            self.seed(target, [self.row("kept")])
+            held.begin()
+            target.write([self.row("never")])
+        # Closed with the transaction open: a run that died before its commit.
+        assert self.read_back(target, ("never",)) is None, "an uncommitted row was stored"
+        self.assert_stored(target, self.row("kept"))
 
 
 def _outcomes(results: Sequence[RowResult]) -> dict[Key, Outcome]:

@@ -182,7 +182,15 @@ class TestSqlTargetContract(TargetContract):
         return self.row("x" * 65)  # longer than the key column: every dialect refuses it
 
     def read_back(self, target: Any, key: Key) -> dict[str, Any] | None:
-        return _read(target.engine, target.settings.table, self.schema, key)
+        if target.dialect != "sqlite":
+            return _read(target.engine, target.settings.table, self.schema, key)
+        # A reader of its own: the target's connections begin with SQLite's write lock,
+        # which a transaction the target holds open keeps.
+        reader = sa.create_engine(target.engine.url)
+        try:
+            return _read(reader, target.settings.table, self.schema, key)
+        finally:
+            reader.dispose()
 
 
 # --- storage types (DESIGN, semantics 10) ------------------------------------------------
@@ -703,6 +711,28 @@ def test_a_refused_row_among_new_keys_fails_alone(pg: Db, refusal: str) -> None:
         refused: Outcome.FAILED,
     }
     assert target.count() == 59 + (refusal != "key too long")
+
+
+@pytest.mark.postgres
+def test_each_batch_of_a_transaction_leaves_the_staging_table_empty(pg: Db) -> None:
+    """The staging table empties itself at commit (ON COMMIT DELETE ROWS); inside a
+    transaction across batches each batch empties it, or the next would meet its rows."""
+    target = pg.prepared()
+    target.write([row(f"k{n}", n=n, updated_at=T0) for n in range(60)])
+    assert target._copy is not None
+    stage = target._copy.copy.split()[1]
+
+    target.begin()
+    for step in (1, 2, 3):
+        later = T0 + timedelta(seconds=step)
+        results = target.write([row(f"k{n}", n=n + step, updated_at=later) for n in range(60)])
+
+        assert set(outcomes(results).values()) == {Outcome.UPDATED}
+        assert target._held is not None
+        assert target._held.exec_driver_sql(f"SELECT count(*) FROM {stage}").scalar() == 0
+    target.commit()
+
+    assert pg.stored(target.settings.table, SCHEMA, ("k7",))["n"] == 10
 
 
 def copy_nothing_into(engine: sa.Engine, table: str) -> None:

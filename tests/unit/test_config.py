@@ -195,6 +195,19 @@ def test_a_bad_duration_is_an_error(tmp_path: Path) -> None:
     )
 
 
+def test_commit_interval_defaults_to_a_second_and_takes_a_duration() -> None:
+    assert SyncSettings().commit_interval == timedelta(seconds=1)
+    assert SyncSettings(commit_interval="250ms").commit_interval == timedelta(milliseconds=250)
+    assert SyncSettings(commit_interval=0).commit_interval == timedelta(0)
+
+
+@pytest.mark.parametrize("key", ["lookback", "commit_interval"])
+def test_a_negative_duration_is_an_error_naming_the_key(tmp_path: Path, key: str) -> None:
+    error = error_of(job_file(tmp_path, MINIMAL + f"[sync]\n{key} = -5\n"))
+    assert error.key == f"sync.{key}"
+    assert "negative" in str(error)
+
+
 def test_max_rejects_below_one_is_a_fraction_of_the_records_read() -> None:
     sync = SyncSettings(max_rejects=0.01)
 

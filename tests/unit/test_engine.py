@@ -11,14 +11,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from freezegun import freeze_time
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from custsync import plugins
 from custsync.engine import COUNTS, Job, RunResult
-from custsync.errors import TargetError
+from custsync.errors import SourceError, TargetError
 from custsync.plugins import Connector
-from custsync.sources.base import SourceSettings
+from custsync.sources.base import SourceBatch, SourceSettings
 from custsync.targets.base import Row, RowResult, TargetSettings
 from custsync.testing import MemorySource, MemoryTarget
 
@@ -75,12 +76,13 @@ def make_job(
     records: Sequence[dict[str, Any]],
     *,
     ordered: bool = False,
+    local: bool = False,
     target: MemoryTarget | None = None,
     fields: dict[str, Any] | None = None,
     key: str = "cl_id",
     **sync: Any,
 ) -> tuple[Job, MemoryTarget]:
-    SOURCES["default"] = MemorySource(records, ordered=ordered)
+    SOURCES["default"] = MemorySource(records, ordered=ordered, local=local)
     TARGETS["default"] = target or MemoryTarget()
     mapping = fields or {
         "cl_id": "id",
@@ -393,6 +395,149 @@ def test_limit_stops_early_and_keeps_the_watermark_of_an_unordered_source(tmp_pa
 
     assert result.read == 4  # whole batches: the limit is reached inside the second
     assert job.state_store().get("t").watermark is None
+
+
+# --- commits across batches (commit_interval) ----------------------------------------------
+
+
+def rows_after_each_batch(
+    job: Job, target: MemoryTarget, **run: Any
+) -> tuple[RunResult, list[int]]:
+    """The run, and how many rows the target had committed after each batch."""
+    seen: list[int] = []
+    result = job.run(progress=lambda counts: seen.append(len(target.rows)), **run)
+    return result, seen
+
+
+def test_a_local_source_commits_every_interval_not_every_batch(tmp_path: Path) -> None:
+    records = [customer(c) for c in "abcdef"]
+    job, target = make_job(tmp_path, records, local=True, commit_interval="1h")
+
+    result, seen = rows_after_each_batch(job, target)
+
+    assert result.status == "ok"
+    assert seen == [0, 0, 0]  # three batches written into one open transaction
+    assert (target.writes, target.commits, len(target.rows)) == (3, 1, 6)
+    assert job.state_store().get("t").watermark is not None
+
+
+def test_a_commit_interval_of_0_commits_every_batch(tmp_path: Path) -> None:
+    records = [customer(c) for c in "abcdef"]
+    job, target = make_job(tmp_path, records, local=True, commit_interval=0)
+
+    result, seen = rows_after_each_batch(job, target)
+
+    assert result.status == "ok"
+    assert seen == [2, 4, 6]
+
+
+def test_a_source_that_may_wait_on_a_remote_commits_every_batch(tmp_path: Path) -> None:
+    """An API's next page may be minutes away (an export being made): what came before it
+    is committed, not held."""
+    records = [customer(c) for c in "abcdef"]
+    job, target = make_job(tmp_path, records, local=False, commit_interval="1h")
+
+    _, seen = rows_after_each_batch(job, target)
+
+    assert seen == [2, 4, 6]
+
+
+def test_a_transaction_commits_once_the_interval_has_passed(tmp_path: Path) -> None:
+    records = [customer(c) for c in "abcdefgh"]
+    job, target = make_job(tmp_path, records, local=True, commit_interval="1.5s")
+    seen: list[int] = []
+    with freeze_time("2026-03-01T12:00:00Z") as clock:
+
+        def progress(counts: Any) -> None:
+            seen.append(len(target.rows))
+            clock.tick(1)  # each batch takes a second
+
+        result = job.run(progress=progress)
+
+    assert result.status == "ok"
+    # Begun at 0 s; at 2 s, after the third batch, 1.5 s have passed: commit. The fourth
+    # begins another, committed at the end of the run.
+    assert seen == [0, 0, 6, 6]
+    assert (target.commits, len(target.rows)) == (2, 8)
+
+
+def test_a_failed_write_rolls_back_the_transaction_and_its_counts(tmp_path: Path) -> None:
+    records = [customer(c) for c in "abcdef"]
+    job, target = make_job(
+        tmp_path, records, local=True, commit_interval="1h", target=ExplodingTarget(ok=2)
+    )
+
+    result = job.run()
+
+    assert result.status == "failed"
+    assert target.rows == {}
+    assert result.inserted == 0  # the four rows written were rolled back
+    assert any(
+        "4 rows written since the run's last commit were rolled back" in n for n in result.notes
+    )
+    assert job.state_store().get("t").watermark is None
+
+    TARGETS["default"] = clean = MemoryTarget()
+    again = job.run()
+
+    assert (again.status, again.inserted, len(clean.rows)) == ("ok", 6, 6)
+
+
+def test_an_ordered_source_checkpoints_only_what_was_committed(tmp_path: Path) -> None:
+    records = [customer(c, ts=f"2026-01-0{i + 1}T00:00:00.000Z") for i, c in enumerate("abcdef")]
+    job, _ = make_job(
+        tmp_path,
+        records,
+        ordered=True,
+        local=True,
+        commit_interval="1h",
+        target=ExplodingTarget(ok=2),
+    )
+
+    assert job.run().status == "failed"
+
+    assert job.state_store().get("t").cursor is None  # two batches written, none committed
+    TARGETS["default"] = MemoryTarget()
+    assert job.run().read == 6
+
+
+def test_a_stop_request_commits_what_the_transaction_holds(tmp_path: Path) -> None:
+    records = [customer(c) for c in "abcdef"]
+    job, target = make_job(tmp_path, records, local=True, commit_interval="1h")
+    stop = threading.Event()
+    stop.set()
+
+    result = job.run(stop=stop)
+
+    assert result.status == "interrupted"
+    assert (len(target.rows), target.commits) == (2, 1)
+
+
+class FailingSource(MemorySource):
+    """Fails after ``ok`` batches, like a file that ends in a broken line."""
+
+    def __init__(self, records: Sequence[dict[str, Any]], ok: int) -> None:
+        super().__init__(records, local=True)
+        self.ok = ok
+
+    def _batches(self, start: int, batch_size: int) -> Iterator[SourceBatch]:
+        for number, batch in enumerate(super()._batches(start, batch_size)):
+            if number == self.ok:
+                raise SourceError("broken input after the second batch")
+            yield batch
+
+
+def test_a_source_error_commits_the_batches_written_before_it(tmp_path: Path) -> None:
+    """They are whole, and a run committing every batch would have kept them too."""
+    job, target = make_job(tmp_path, [], commit_interval="1h")
+    SOURCES["default"] = FailingSource([customer(c) for c in "abcdef"], ok=2)
+
+    result = job.run()
+
+    assert result.status == "failed"
+    assert "broken input" in (result.error or "")
+    assert (len(target.rows), result.inserted) == (4, 4)
+    assert job.state_store().get("t").watermark is None  # the input was not read whole
 
 
 def test_a_second_run_while_the_lock_is_held_is_locked(tmp_path: Path) -> None:

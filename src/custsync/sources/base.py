@@ -52,7 +52,14 @@ class SourceBatch:
 class Source(Protocol):
     """Reads customers in batches. ``since`` is the lower bound on ``updated_at`` (records
     below it may be dropped by the source and counted in ``SourceBatch.skipped``); ``cursor``
-    is what the source returned in its last committed checkpoint, to resume a read."""
+    is what the source returned in its last committed checkpoint, to resume a read.
+
+    Two optional class attributes tell the engine more: ``fork_safe = True``, nothing is
+    open before ``read``, so a parallel run may read it in a forked worker process;
+    ``local = True``, its reads wait on no remote (files), so a run may hold the target's
+    transaction across batches (``commit_interval``) without leaving written rows
+    uncommitted while the source waits.
+    """
 
     def read(
         self,

@@ -145,6 +145,8 @@ class FileSource:
 
     # Nothing is open before ``read``: a run may read it in a forked worker process.
     fork_safe = True
+    # Its reads wait on no remote: a run may hold a transaction across its batches.
+    local = True
 
     def __init__(self, settings: FileSourceSettings, *, base_dir: Path) -> None:
         self.settings = settings

@@ -72,8 +72,9 @@ class Target(Protocol):
 
     ``prepare`` is called once before any write: it creates or checks what the rows go
     into (``create=False`` for a dry run, which must write nothing). ``write`` returns only
-    once the rows are durably committed; a refused row is a FAILED result, not an
-    exception, and never sinks the rest of its batch. Keys are unique within one call.
+    once the rows are durably committed (unless a ``Transactional`` target holds a
+    transaction open); a refused row is a FAILED result, not an exception, and never sinks
+    the rest of its batch. Keys are unique within one call.
     """
 
     def prepare(self, schema: RowSchema, *, create: bool = True) -> list[str]:
@@ -112,6 +113,24 @@ class HasRowCodec(Protocol):
 
     @classmethod
     def row_codec(cls, settings: Any, schema: RowSchema) -> RowCodec | None: ...
+
+
+@runtime_checkable
+class Transactional(Protocol):
+    """A target whose writes can share one transaction across batches.
+
+    After ``begin``, each ``write`` joins the open transaction and returns with nothing
+    committed; ``commit`` makes all of it durable at once, ``rollback`` (or ``close``)
+    discards it. A commit costs a database a flush to disk (milliseconds, on any disk):
+    the engine commits every ``commit_interval``, not every batch, and checkpoints only
+    after the commit. A ``write`` that raises leaves the transaction to be rolled back.
+    """
+
+    def begin(self) -> None: ...
+
+    def commit(self) -> None: ...
+
+    def rollback(self) -> None: ...
 
 
 @runtime_checkable

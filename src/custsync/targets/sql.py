@@ -2,11 +2,13 @@
 dialect's native upsert (SQLite and PostgreSQL ``ON CONFLICT``, MariaDB/MySQL
 ``ON DUPLICATE KEY UPDATE``).
 
-Every batch is one transaction: read the stored rows of the batch's keys (locking them),
-decide per row (inserted, updated, unchanged, stale), write only what changes, commit.
-Knowing the stored rows first gives exact outcomes on every dialect (MariaDB cannot say
-per row) and makes no-op runs cheap. A refused row is isolated by bisection inside
-savepoints and reported FAILED with the database's message; the rest commits.
+Every batch: read the stored rows of the batch's keys (locking them), decide per row
+(inserted, updated, unchanged, stale), write only what changes. Knowing the stored rows
+first gives exact outcomes on every dialect (MariaDB cannot say per row) and makes no-op
+runs cheap. A refused row is isolated by bisection inside savepoints and reported FAILED
+with the database's message; the rest is written. A batch commits on its own, or, after
+``begin`` (``Transactional``), with the batches around it at ``commit``: the engine commits
+every ``commit_interval``, where each commit would cost a flush to disk.
 
 On PostgreSQL a batch of any size goes in with ``COPY`` into a temporary staging table
 and one ``INSERT ... SELECT ... ON CONFLICT``: several times less work for the server and
@@ -16,6 +18,7 @@ takes the row-by-row path, where bisection finds the refused rows.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -184,8 +187,9 @@ class _DriverStatement:
 class _PgCopy:
     """PostgreSQL's bulk path: ``COPY`` a batch into a temporary table shaped like the
     target's mapped columns, then one ``INSERT ... SELECT ... ON CONFLICT`` moves it in.
-    The staging table lives in the session and is emptied at every commit. A batch whose
-    keys the table does not hold yet (an initial load) is copied straight in."""
+    The staging table lives in the session and is emptied once its rows are in (a
+    transaction may span batches). A batch whose keys the table does not hold yet (an
+    initial load) is copied straight in."""
 
     def __init__(self, target: SqlTarget, table: sa.Table, schema: RowSchema) -> None:
         dialect = target.engine.dialect
@@ -200,6 +204,7 @@ class _PgCopy:
         )
         self.copy = f"COPY {stage} ({columns}) FROM STDIN"
         self.copy_in = f"COPY {qualified} ({columns}) FROM STDIN"
+        self.empty = f"TRUNCATE {stage}"
         staged = sa.Table(stage, sa.MetaData(), *[sa.Column(n) for n in names])
         select = sa.select(*[staged.c[n] for n in names])
         upsert = target._upsert_statement(table, schema, source=select)
@@ -240,6 +245,7 @@ class _PgCopy:
                     for values in rows:
                         copy.write_row(values)
                 cursor.execute(self.insert)
+                cursor.execute(self.empty)
         except (psycopg.DataError, psycopg.IntegrityError, psycopg.errors.CardinalityViolation):
             return False
         except psycopg.Error as exc:
@@ -481,6 +487,7 @@ class SqlTarget:
         self._codec: RowCodec | None = None
         self._key_at: tuple[int, ...] = ()  # the key columns' places in an encoded row
         self._queries: dict[Any, Any] = {}  # statements built once per prepare
+        self._held: Connection | None = None  # the transaction ``begin`` opened
 
     @classmethod
     def row_codec(cls, settings: SqlTargetSettings, schema: RowSchema) -> RowCodec:
@@ -784,7 +791,7 @@ class SqlTarget:
         if not encoded:
             return results
         try:
-            with self.engine.begin() as conn:
+            with self._transaction() as conn:
                 stored = self._stored(conn, table, schema, encoded, lock=True)
                 decided = self._classify(schema, encoded, stored)
                 to_write = [row for (result, row) in decided if row is not None]
@@ -804,6 +811,54 @@ class SqlTarget:
                 result = RowResult(result.key, result.outcome, result.message, ids[result.key])
             results.append(result)
         return results
+
+    # --- transactions across batches (``Transactional``) ---------------------------------
+
+    def begin(self) -> None:
+        """Open a transaction: the writes until ``commit`` or ``rollback`` join it."""
+        if self._held is not None:
+            raise RuntimeError("a transaction is open already")
+        conn = self.engine.connect()
+        try:
+            conn.begin()
+        except SQLAlchemyError as exc:
+            conn.close()
+            raise TargetError(f"cannot write to {self.settings.table}: {_db_message(exc)}") from exc
+        self._held = conn
+
+    def commit(self) -> None:
+        conn, self._held = self._held, None
+        if conn is None:
+            return
+        try:
+            conn.commit()
+        except SQLAlchemyError as exc:
+            raise TargetError(
+                f"committing to {self.settings.table} failed: {_db_message(exc)}"
+            ) from exc
+        finally:
+            conn.close()
+
+    def rollback(self) -> None:
+        conn, self._held = self._held, None
+        if conn is None:
+            return
+        try:
+            conn.rollback()
+        except SQLAlchemyError:
+            pass  # the connection is gone, and its transaction with it
+        finally:
+            with contextlib.suppress(SQLAlchemyError):
+                conn.close()
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[Connection]:
+        """The open transaction (committed by ``commit``), or one for this batch alone."""
+        if self._held is not None:
+            yield self._held
+            return
+        with self.engine.begin() as conn:
+            yield conn
 
     def _target_ids(
         self, conn: Connection, schema: RowSchema, rows: Sequence[Encoded]
@@ -1062,6 +1117,7 @@ class SqlTarget:
         return [f"reached {safe_url(self.engine)} ({self.dialect})"]
 
     def close(self) -> None:
+        self.rollback()  # a transaction still open was not committed: it never happened
         self.engine.dispose()
 
 
