@@ -5,8 +5,10 @@ hold": counts, incremental reads, duplicates, rejects, checkpoints, dry runs, st
 from __future__ import annotations
 
 import json
+import pickle
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +18,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from custsync import plugins
-from custsync.engine import COUNTS, Job, RunResult
-from custsync.errors import SourceError, TargetError
+from custsync.dedupe import Candidate, PackedRecords
+from custsync.engine import COUNTS, Job, RunResult, _Prepared
+from custsync.errors import FieldError, SourceError, TargetError
 from custsync.plugins import Connector
-from custsync.sources.base import SourceBatch, SourceSettings
+from custsync.rejects import Reject
+from custsync.sources.base import Checkpoint, SourceBatch, SourceSettings
 from custsync.targets.base import Row, RowResult, TargetSettings
 from custsync.testing import MemorySource, MemoryTarget
 
@@ -648,3 +652,48 @@ def test_a_value_the_target_cannot_store_is_rejected_naming_the_column(tmp_path:
     assert reject["errors"][0]["field"] == "metadata"
     assert "64-bit" in reject["errors"][0]["message"]
     assert reject["record"]["metadata"] == {"n": str(2**70)}  # as text: JSON holds no such int
+
+
+# --- a prepared batch through the parallel run's pipe -------------------------------------
+
+
+def candidate_fields(prepared: _Prepared) -> list[tuple[Any, ...]]:
+    return [
+        (c.key, c.ts, c.seq, c.source_id, dict(c.record), c.row, c.outcome)
+        for c in prepared.candidates
+    ]
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["packed records", "plain records"])
+def test_a_prepared_batch_pickles_whole(packed: bool) -> None:
+    ts = datetime(2026, 1, 2, 10, 0, tzinfo=UTC)
+    records: list[Mapping[str, Any]] = [{"id": f"c{n}", "n": n} for n in range(5)]
+    if packed:
+        records = PackedRecords.pack(records)
+    prepared = _Prepared(
+        read=7,
+        skipped=1,
+        notes=["a note"],
+        checkpoint=Checkpoint(ts, {"offset": 7}),
+        rejects=[Reject("validate", "c9", None, [FieldError("email", "bad")], {"id": "c9"})],
+        candidates=[
+            Candidate((f"c{n}",), ts if n % 2 else None, 0, f"c{n}", record, (f"c{n}", n))
+            for n, record in enumerate(records)
+        ],
+        max_seen=ts,
+    )
+
+    back = pickle.loads(pickle.dumps(prepared))
+
+    assert candidate_fields(back) == candidate_fields(prepared)
+    assert (back.read, back.skipped, back.notes, back.checkpoint, back.max_seen) == (
+        7,
+        1,
+        ["a note"],
+        Checkpoint(ts, {"offset": 7}),
+        ts,
+    )
+    assert [(r.source_id, r.errors) for r in back.rejects] == [("c9", prepared.rejects[0].errors)]
+
+    prepared.candidates[3].seq, prepared.candidates[3].outcome = 12, "inserted"
+    assert candidate_fields(pickle.loads(pickle.dumps(prepared))) == candidate_fields(prepared)
