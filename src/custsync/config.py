@@ -57,7 +57,7 @@ class SyncSettings(BaseModel):
     # Commit a target that can hold a transaction across batches (SQL) at most this
     # often, not every batch: a commit is a flush to disk. A crash re-does what was not
     # committed (the checkpoint follows the commit); 0 commits every batch.
-    commit_interval: timedelta = timedelta(seconds=1)
+    commit_interval: timedelta = timedelta(seconds=5)
     max_rejects: float = Field(default=0.01, ge=0)
     duplicates: Literal["keep_latest", "keep_first", "merge", "reject"] = "keep_latest"
     on_deleted: Literal["report", "flag", "delete"] = "report"

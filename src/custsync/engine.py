@@ -772,7 +772,7 @@ class _Run:
             log.exception("run %s of %s failed unexpectedly", self.run_id, self.config.name)
         finally:
             undone = commits.discard() if commits is not None else None
-            if undone is not None:
+            if undone:
                 self.notes.append(
                     f"{undone} rows written since the run's last commit were rolled back "
                     "(not counted): the next run writes them"

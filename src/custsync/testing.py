@@ -251,7 +251,9 @@ class MemoryTarget:
                 raise ValueError(f"key {key!r} appears twice in one write")
             seen.add(key)
             stored = self._open.get(key) if self._open is not None else None
-            result = _classify(schema, stored or self.rows.get(key), row)
+            if stored is None:
+                stored = self.rows.get(key)
+            result = _classify(schema, stored, row)
             if result.outcome in (Outcome.INSERTED, Outcome.UPDATED):
                 message = self.refuse(row) if self.refuse is not None else None
                 if message is not None:

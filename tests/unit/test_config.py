@@ -195,8 +195,8 @@ def test_a_bad_duration_is_an_error(tmp_path: Path) -> None:
     )
 
 
-def test_commit_interval_defaults_to_a_second_and_takes_a_duration() -> None:
-    assert SyncSettings().commit_interval == timedelta(seconds=1)
+def test_commit_interval_defaults_to_five_seconds_and_takes_a_duration() -> None:
+    assert SyncSettings().commit_interval == timedelta(seconds=5)
     assert SyncSettings(commit_interval="250ms").commit_interval == timedelta(milliseconds=250)
     assert SyncSettings(commit_interval=0).commit_interval == timedelta(0)
 
