@@ -136,7 +136,8 @@ def crash_job(folder: Path, db: Db, customers_file: Path, *, batch_size: int) ->
         table=db.table,
         name=folder.name,
         source=f'path = "{customers_file}"',
-        sync=f"batch_size = {batch_size}",
+        # Several commits a run, so a kill lands after some and inside an open transaction.
+        sync=f'batch_size = {batch_size}\ncommit_interval = "0.2s"',
     )
 
 
