@@ -698,7 +698,6 @@ class _Run:
         status, error, last_checkpoint, completed = "failed", None, None, False
         source: Source | None = None
         target: Target | None = None
-        commits: _Commits | None = None
         try:
             source = _ReplaySource(self.replay) if self.replay else self.job.make_source()
             paths = self.config.mapping.source_paths()
@@ -771,7 +770,7 @@ class _Run:
             status, error = "failed", f"unexpected {type(exc).__name__}: {exc}"
             log.exception("run %s of %s failed unexpectedly", self.run_id, self.config.name)
         finally:
-            undone = commits.discard() if commits is not None else None
+            undone = self.commits.discard()
             if undone:
                 self.notes.append(
                     f"{undone} rows written since the run's last commit were rolled back "
