@@ -12,7 +12,7 @@ import contextlib
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal, Required, cast
+from typing import Annotated, Any, Literal, Required, cast, get_type_hints
 
 import orjson
 from pydantic import (
@@ -200,8 +200,18 @@ class CustomerRecord(TypedDict, total=False):
     meta: MetaRecord | None
 
 
-_record_adapter: TypeAdapter[list[CustomerRecord]] = TypeAdapter(list[CustomerRecord])
 _one_record: TypeAdapter[CustomerRecord] = TypeAdapter(CustomerRecord)
+# The same schema leaving out the fields it does not know, which ``validate_records`` then
+# copies over itself: pydantic's bookkeeping of unknown keys is a fifth of its time per
+# record (measured in instructions with callgrind), and a record without one (almost
+# every record) is told by its length alone. Its output is the full schema's: the known
+# fields in the schema's order, then the unknown ones in the record's.
+_KnownFields: Any = with_config(ConfigDict(extra="ignore"))(
+    TypedDict(  # type: ignore[operator]
+        "KnownFields", get_type_hints(CustomerRecord, include_extras=True), total=False
+    )
+)
+_known_only: TypeAdapter[list[dict[str, Any]]] = TypeAdapter(list[_KnownFields])
 
 
 def validate_records(
@@ -209,18 +219,28 @@ def validate_records(
 ) -> list[dict[str, Any] | list[FieldError]]:
     """``validate_batch`` into plain dicts (the engine's form of a validated Customer)."""
     try:
-        return cast(
-            list[dict[str, Any] | list[FieldError]], _record_adapter.validate_python(records)
-        )
+        validated = _known_only.validate_python(records)
+        results = cast(list[dict[str, Any] | list[FieldError]], validated)
     except ValidationError:
-        pass
-    results: list[dict[str, Any] | list[FieldError]] = []
-    for record in records:
-        try:
-            results.append(cast(dict[str, Any], _one_record.validate_python(record)))
-        except ValidationError as exc:
-            results.append(field_errors(exc))
+        return [_validate_record(record) for record in records]
+    for at, (record, result) in enumerate(zip(records, results, strict=True)):
+        if len(result) == len(record):
+            continue  # no field the schema does not know
+        assert isinstance(result, dict)
+        for name in record:
+            if name not in result:
+                if name.__class__ is not str:  # the full schema converts or refuses it
+                    results[at] = _validate_record(record)
+                    break
+                result[name] = record[name]
     return results
+
+
+def _validate_record(record: Mapping[str, Any]) -> dict[str, Any] | list[FieldError]:
+    try:
+        return cast(dict[str, Any], _one_record.validate_python(record))
+    except ValidationError as exc:
+        return field_errors(exc)
 
 
 def validate_batch(

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from custsync.model import (
     Customer,
@@ -265,7 +266,7 @@ _records = st.dictionaries(
 )
 
 
-@settings(max_examples=400)
+@settings(max_examples=400, deadline=None)  # what it checks is agreement, not time
 @given(_records)
 def test_the_record_schema_and_the_model_agree_on_every_record(record: dict[str, Any]) -> None:
     from custsync.model import validate_records
@@ -281,3 +282,48 @@ def test_the_record_schema_and_the_model_agree_on_every_record(record: dict[str,
         assert as_model.model_dump(exclude={"password"}, exclude_unset=True) == {
             k: v for k, v in as_dict.items() if k != "password"
         }
+
+
+class _TextKey(str):
+    """A key that is text but not ``str`` itself (pydantic converts it)."""
+
+
+_keys_with_unknown = st.one_of(
+    st.sampled_from(["email", "updated_at", "status", "meta", "metadata", "zeta", "alpha"]),
+    st.integers(0, 1),  # refused by the schema: "Keys should be strings"
+    st.just(_TextKey("beta")),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.dictionaries(_keys_with_unknown, _values, max_size=6).map(
+            lambda record: {"email": "a@b.co", **record}
+        ),
+        min_size=1,
+        max_size=4,
+    )
+)
+def test_a_batch_keeps_unknown_fields_as_the_record_schema_does(
+    records: list[dict[Any, Any]],
+) -> None:
+    """validate_records validates a batch without pydantic's bookkeeping of unknown keys and
+    copies them over itself: each result, its key order included, is the full schema's."""
+    from custsync.model import _one_record, field_errors, validate_records
+
+    def one(record: dict[Any, Any]) -> Any:
+        try:
+            return _one_record.validate_python(record)
+        except ValidationError as exc:
+            return field_errors(exc)
+
+    results = validate_records(records)
+
+    assert len(results) == len(records)
+    for record, result in zip(records, results, strict=True):
+        expected = one(record)
+        assert result == expected
+        if isinstance(expected, dict):
+            assert list(result) == list(expected)
+            assert all(type(key) is str for key in result)
