@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 import orjson
 
+from custsync._sqlite import bind_nulls_directly
 from custsync.model import SECRET_KEYS
 from custsync.targets.base import Key, Outcome
 
@@ -184,6 +185,7 @@ class Ledger:
         self._stored = 0  # holders moved to the file
         self._dir = tempfile.TemporaryDirectory(prefix="custsync-run-", dir=directory)
         folder = Path(self._dir.name)
+        bind_nulls_directly()
         self._db = sqlite3.connect(folder / "ledger.db")
         self._db.execute("PRAGMA journal_mode = OFF")
         self._db.execute("PRAGMA synchronous = OFF")

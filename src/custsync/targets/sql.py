@@ -39,6 +39,7 @@ from sqlalchemy.exc import (
     SQLAlchemyError,
 )
 
+from custsync._sqlite import bind_nulls_directly
 from custsync.errors import (
     ConfigError,
     FieldError,
@@ -437,6 +438,7 @@ def make_engine(url: str, *, what: str = "the sql target") -> Engine:
     except (ArgumentError, NoSuchModuleError) as exc:
         raise ConfigError(f"cannot use this database URL: {exc}", key="target.url") from None
     if engine.dialect.name == "sqlite":
+        bind_nulls_directly()
         _sqlite_transactions(engine)
     elif engine.dialect.driver == "psycopg":
         _psycopg_json(engine)
