@@ -680,7 +680,7 @@ def _generate(mapping: CompiledMapping) -> Callable[[dict[str, Any]], dict[str, 
     fields are inlined; the rest call their compiled closure. Any exception sends the
     record down the field-by-field path, which names the failing field."""
     namespace: dict[str, Any] = {"E": {}, "datetime": datetime}
-    lines = ["def fast(r):"]
+    lines = ["def fast(r):", "    g = r.get"]  # looked up once, called once per path
     names = []
     for i, compiled in enumerate(mapping.fields):
         names.append(f"{compiled.name!r}: v{i}")
@@ -697,14 +697,17 @@ def _generate(mapping: CompiledMapping) -> Callable[[dict[str, Any]], dict[str, 
         namespace[f"c{i}"] = coerce
         for n, path in enumerate(compiled.paths):
             parts = path.split(".")
-            expr = f"r.get({parts[0]!r})"
+            expr = f"g({parts[0]!r})"
             for part in parts[1:]:
                 expr = f"({expr} or E).get({part!r})"
             if n == 0:
                 lines.append(f"    v{i} = {expr}")
             else:
                 lines.append(f"    if v{i} is None or v{i} == '': v{i} = {expr}")
-        lines.append(f"    if v{i} is None or v{i} == '': v{i} = d{i}")
+        if default is None:  # None stays None: only an empty text becomes it
+            lines.append(f"    if v{i} == '': v{i} = None")
+        else:
+            lines.append(f"    if v{i} is None or v{i} == '': v{i} = d{i}")
         # Values already of the column's type skip the call (the coercions leave them as
         # they are): a validated record is mostly such values.
         already = {
@@ -718,6 +721,8 @@ def _generate(mapping: CompiledMapping) -> Callable[[dict[str, Any]], dict[str, 
         }.get(compiled.type)
         if already is not None:
             lines.append(f"    if v{i} is not None and not {already}: v{i} = c{i}(v{i})")
+        elif coerce is _coerce_json:  # which leaves None as it is
+            lines.append(f"    if v{i} is not None: v{i} = c{i}(v{i})")
         else:
             lines.append(f"    v{i} = c{i}(v{i})")
     lines.append(f"    return {{{', '.join(names)}}}")

@@ -319,14 +319,14 @@ def row_codec(schema: RowSchema, dialect: str) -> RowCodec:
     namespace: dict[str, Any] = {"refused": _refusal(schema, converters)}
     items = []
     for index, (name, convert) in enumerate(zip(names, converters, strict=True)):
-        value = f"r.get({name!r})"
+        value = f"g({name!r})"
         if convert is not None:
             namespace[f"c{index}"] = convert
             value = f"(None if (v{index} := {value}) is None else c{index}(v{index}))"
         items.append(value)
     exec(
         "def encode(r):\n"
-        f"    try:\n        return ({', '.join(items)},)\n"
+        f"    try:\n        g = r.get\n        return ({', '.join(items)},)\n"
         "    except Exception:\n        refused(r)\n        raise",
         namespace,
     )
