@@ -315,13 +315,15 @@ def index_included(included: Any) -> IncludedIndex:
 
 
 def _related(linkage: Mapping[str, Any], included: IncludedIndex) -> dict[str, Any]:
-    out: dict[str, Any] = {"id": linkage.get("id"), "type": linkage.get("type")}
-    found = included.get((str(linkage.get("type")), str(linkage.get("id"))))
+    """The linkage's id and type first, then the included object's attributes."""
+    identifier, kind = linkage.get("id"), linkage.get("type")
+    out: dict[str, Any] = {"id": identifier, "type": kind}
+    found = included.get((str(kind), str(identifier)))
     if found is not None:
         attributes = found.get("attributes")
         if isinstance(attributes, dict):
-            for name, value in attributes.items():
-                out.setdefault(name, value)
+            out.update(attributes)  # in C; the linkage's id and type stay (below)
+            out["id"], out["type"] = identifier, kind
     return out
 
 

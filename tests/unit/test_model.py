@@ -327,3 +327,33 @@ def test_a_batch_keeps_unknown_fields_as_the_record_schema_does(
         if isinstance(expected, dict):
             assert list(result) == list(expected)
             assert all(type(key) is str for key in result)
+
+
+@given(
+    st.fixed_dictionaries({}, optional={"id": _values, "type": _values}),
+    st.dictionaries(st.sampled_from(["name", "id", "type", "code", "metadata"]), _values),
+)
+def test_a_related_object_is_its_linkage_then_the_included_attributes(
+    linkage: dict[str, Any], attributes: dict[str, Any]
+) -> None:
+    """The linkage's id and type come first and win; the included object's other
+    attributes follow in their order."""
+    kind, identifier = linkage.get("type"), linkage.get("id")
+    document = {
+        "data": [
+            {
+                "id": "c1",
+                "type": "customers",
+                "attributes": {"email": "a@b.co"},
+                "relationships": {"customer_group": {"data": linkage}},
+            }
+        ],
+        "included": [{"type": kind, "id": identifier, "attributes": attributes}],
+    }
+    expected = {"id": identifier, "type": kind}
+    expected.update((k, v) for k, v in attributes.items() if k not in ("id", "type"))
+
+    [record] = list(iter_records(document))
+
+    assert record["customer_group"] == expected
+    assert list(record["customer_group"]) == list(expected)
