@@ -636,6 +636,8 @@ class _Run:
         self.max_seen: datetime | None = None
         self.schema: RowSchema = self.config.schema_
         self.codec: RowCodec | None = None  # set once the run starts (``_row_codec``)
+        # The mapping and the codec in one function, for a single-column key (``_encoder``)
+        self.encoded: tuple[Callable[[dict[str, Any]], tuple[Any, ...]], int] | None = None
         self.notes: list[str] = []
         self.writeback: Any = None
         self.commits = _Commits(None, 0.0, self.counts)  # the run's (``_commits``)
@@ -712,6 +714,7 @@ class _Run:
             if isinstance(source, LookbackAware):
                 source.expect_lookback(self.config.sync.lookback)
             self.codec = self._row_codec()
+            self.encoded = self._encoder()
             with (
                 Ledger(self.config.sync.duplicates, directory=self._scratch()) as ledger,
                 self._prepared_batches(source, since, cursor) as batches,
@@ -867,6 +870,16 @@ class _Run:
             return None
         return factory.row_codec(self.config.target, self.schema)
 
+    def _encoder(self) -> tuple[Callable[[dict[str, Any]], tuple[Any, ...]], int] | None:
+        """The mapping and the codec as one function (``CompiledMapping.encoder``), and
+        where the key is in its rows: a record then goes to its encoded row without the
+        mapped dict between (and a JSON value is dumped once, not checked and dumped)."""
+        codec, key = self.codec, self.schema.key
+        if codec is None or codec.converters is None or len(key) != 1 or key[0] not in codec.names:
+            return None
+        encoder = self.config.mapping.encoder(codec.names, codec.converters)
+        return None if encoder is None else (encoder, codec.names.index(key[0]))
+
     def _writeback_for(self, source: Source) -> Any:
         from custsync.commercelayer.writeback import Writeback
 
@@ -972,6 +985,7 @@ class _Run:
         apply_one = mapping.apply_one
         encode = self.codec.encode if self.codec is not None else None
         single_key = key_columns[0] if len(key_columns) == 1 else None
+        encoded, key_at = self.encoded if self.encoded is not None else (None, 0)
         for at, ((raw, data), customer) in enumerate(zip(live, validated, strict=True)):
             identifier = data.get("id")
             source_id = str(identifier) if identifier not in (None, "") else raw.origin
@@ -994,6 +1008,25 @@ class _Run:
                     data,
                 )
                 continue
+            if encoded is not None:
+                try:
+                    fused: tuple[Any, ...] | None = encoded(customer)
+                except Exception:  # noqa: BLE001 - the steps below say what failed
+                    fused = None
+                if fused is not None:
+                    value = fused[key_at]
+                    if (
+                        value.__class__ is str
+                        and value
+                        and not value[0].isspace()
+                        and not value[-1].isspace()
+                    ):
+                        candidates.append(
+                            Candidate(
+                                (value,), customer.get("updated_at"), 0, source_id, data, fused
+                            )
+                        )
+                        continue
             try:
                 row = apply_one(customer)
             except RecordFailure as failure:

@@ -191,6 +191,29 @@ def _coerce_json(value: Any) -> Any:
     return value
 
 
+def json_text(value: Any) -> str:
+    """A JSON value as the text a JSON column stores (keys that are not text as text)."""
+    return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
+
+
+def _coerced_json_text(value: Any) -> Any:
+    """``json_text(_coerce_json(value))``, a plain value dumped once (the check's dump is
+    the text: under ``_PLAIN_JSON`` orjson writes what it accepts as ``json_text`` does)."""
+    if value.__class__ is dict or value.__class__ is list:
+        try:
+            blob = orjson.dumps(value, option=_PLAIN_JSON)
+        except TypeError:
+            blob = None
+        if blob is not None:
+            low = blob.lower()
+            if not (
+                low.find(b"token") >= 0 or low.find(b"secret") >= 0 or low.find(b"password") >= 0
+            ) or not _SECRET_KEY_BYTES.search(blob):
+                return blob.decode()
+    coerced = _coerce_json(value)
+    return None if coerced is None else json_text(coerced)
+
+
 @dataclass(frozen=True, slots=True)
 class DateParser:
     """Reads timestamps as exports write them: ISO 8601, or day- or month-first dates,
@@ -636,6 +659,18 @@ class CompiledMapping:
     def __post_init__(self) -> None:
         object.__setattr__(self, "_fast", _generate(self) if self.direction == "outbound" else None)
 
+    def encoder(
+        self, names: Sequence[str], converters: Sequence[Callable[[Any], Any] | None]
+    ) -> Callable[[dict[str, Any]], tuple[Any, ...]] | None:
+        """A function mapping a validated record straight to a target codec's encoded row
+        (``RowCodec.names`` and ``converters``), without the mapped dict between: what
+        ``codec.encode(apply_one(record))`` gives, where that succeeds. It raises where
+        that would, and may raise where ``apply_one`` would succeed field by field: the
+        caller then takes that path, which names what failed. None for an inbound one."""
+        if self.direction != "outbound":
+            return None
+        return _generate_encoder(self, names, converters)
+
     def apply_one(self, record: Any) -> dict[str, Any]:
         """Map one record; raise ``RecordFailure`` naming every field that failed."""
         fast = self._fast  # type: ignore[attr-defined]
@@ -680,10 +715,52 @@ def _generate(mapping: CompiledMapping) -> Callable[[dict[str, Any]], dict[str, 
     fields are inlined; the rest call their compiled closure. Any exception sends the
     record down the field-by-field path, which names the failing field."""
     namespace: dict[str, Any] = {"E": {}, "datetime": datetime}
-    lines = ["def fast(r):", "    g = r.get"]  # looked up once, called once per path
-    names = []
+    lines = ["def fast(r):", *_field_lines(mapping, namespace, frozenset())]
+    values = ", ".join(f"{compiled.name!r}: v{i}" for i, compiled in enumerate(mapping.fields))
+    lines.append(f"    return {{{values}}}")
+    exec("\n".join(lines), namespace)
+    return cast(Callable[[dict[str, Any]], dict[str, Any]], namespace["fast"])
+
+
+def _generate_encoder(
+    mapping: CompiledMapping,
+    names: Sequence[str],
+    converters: Sequence[Callable[[Any], Any] | None],
+) -> Callable[[dict[str, Any]], tuple[Any, ...]]:
+    """``_generate``'s function, returning the row as a target's codec encodes it: the
+    values of ``names`` in order, each converted as ``converters`` say. A JSON field the
+    codec writes as ``json_text`` is checked and written with one dump."""
+    positions = {compiled.name: i for i, compiled in enumerate(mapping.fields)}
+    as_text = frozenset(
+        positions[name]
+        for name, convert in zip(names, converters, strict=True)
+        if convert is json_text and name in positions
+    )
+    namespace: dict[str, Any] = {"E": {}, "datetime": datetime, "J": _coerced_json_text}
+    lines = ["def encoded(r):"]
+    lines += _field_lines(mapping, namespace, as_text)
+    items = []
+    for column, (name, convert) in enumerate(zip(names, converters, strict=True)):
+        at = positions.get(name)
+        if at is None:
+            items.append("None")  # not mapped: the codec finds nothing in the row
+        elif convert is None or at in as_text:
+            items.append(f"v{at}")
+        else:
+            namespace[f"k{column}"] = convert
+            items.append(f"(None if v{at} is None else k{column}(v{at}))")
+    lines.append(f"    return ({', '.join(items)},)")
+    exec("\n".join(lines), namespace)
+    return cast(Callable[[dict[str, Any]], tuple[Any, ...]], namespace["encoded"])
+
+
+def _field_lines(
+    mapping: CompiledMapping, namespace: dict[str, Any], as_text: frozenset[int]
+) -> list[str]:
+    """The statements computing each field ``i`` into ``v{i}``; a JSON field in
+    ``as_text`` ends as its JSON text (``J``), not as the value."""
+    lines = ["    g = r.get"]  # looked up once, called once per path
     for i, compiled in enumerate(mapping.fields):
-        names.append(f"{compiled.name!r}: v{i}")
         inlinable = compiled.plain is not None and all(
             not any(part.lstrip("-").isdigit() for part in path.split("."))
             for path in compiled.paths
@@ -691,6 +768,9 @@ def _generate(mapping: CompiledMapping) -> Callable[[dict[str, Any]], dict[str, 
         if not inlinable or compiled.plain is None:
             namespace[f"f{i}"] = compiled.compute
             lines.append(f"    v{i} = f{i}(r)")
+            if i in as_text:
+                lines.append(f"    if v{i} is not None: v{i} = json_text(v{i})")
+                namespace["json_text"] = json_text
             continue
         default, coerce = compiled.plain
         namespace[f"d{i}"] = default
@@ -721,13 +801,18 @@ def _generate(mapping: CompiledMapping) -> Callable[[dict[str, Any]], dict[str, 
         }.get(compiled.type)
         if already is not None:
             lines.append(f"    if v{i} is not None and not {already}: v{i} = c{i}(v{i})")
+            if i in as_text:
+                lines.append(f"    if v{i} is not None: v{i} = json_text(v{i})")
+                namespace["json_text"] = json_text
         elif coerce is _coerce_json:  # which leaves None as it is
-            lines.append(f"    if v{i} is not None: v{i} = c{i}(v{i})")
+            call = "J" if i in as_text else f"c{i}"
+            lines.append(f"    if v{i} is not None: v{i} = {call}(v{i})")
         else:
             lines.append(f"    v{i} = c{i}(v{i})")
-    lines.append(f"    return {{{', '.join(names)}}}")
-    exec("\n".join(lines), namespace)
-    return cast(Callable[[dict[str, Any]], dict[str, Any]], namespace["fast"])
+            if i in as_text:
+                lines.append(f"    if v{i} is not None: v{i} = json_text(v{i})")
+                namespace["json_text"] = json_text
+    return lines
 
 
 class RecordFailure(Exception):

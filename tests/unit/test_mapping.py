@@ -349,26 +349,27 @@ _METADATA = {
 }
 
 
-@given(
-    st.fixed_dictionaries(
-        {"reference": _BY_TYPE["text"]},
-        optional={
-            "metadata": st.fixed_dictionaries(
-                {},
-                optional={
-                    **_METADATA,
-                    "n": st.one_of(
-                        st.none(),
-                        st.fixed_dictionaries(
-                            {},
-                            optional={k: _METADATA[k] for k in ("a", "i", "j")},
-                        ),
+_GENERATED_RECORDS = st.fixed_dictionaries(
+    {"reference": _BY_TYPE["text"]},
+    optional={
+        "metadata": st.fixed_dictionaries(
+            {},
+            optional={
+                **_METADATA,
+                "n": st.one_of(
+                    st.none(),
+                    st.fixed_dictionaries(
+                        {},
+                        optional={k: _METADATA[k] for k in ("a", "i", "j")},
                     ),
-                },
-            )
-        },
-    )
+                ),
+            },
+        )
+    },
 )
+
+
+@given(_GENERATED_RECORDS)
 def test_the_generated_mapping_computes_what_the_field_by_field_one_does(
     record: dict[str, Any],
 ) -> None:
@@ -391,3 +392,43 @@ def test_the_generated_mapping_computes_what_the_field_by_field_one_does(
         generated = mapping._fast(record)  # type: ignore[attr-defined]
         assert generated == field_by_field
         assert list(generated) == list(field_by_field)
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", "postgresql", "mysql"])
+@given(record=_GENERATED_RECORDS)
+def test_the_mapping_encodes_as_the_codec_encodes_what_it_maps(
+    dialect: str, record: dict[str, Any]
+) -> None:
+    """``encoder`` maps a record straight to a codec's row (a JSON value checked and
+    dumped once): what ``encode(apply_one(record))`` gives, and it fails where that fails,
+    so a run falls back to the steps that name the failure."""
+    from custsync.targets.base import ColumnSpec, RowSchema
+    from custsync.targets.sql import row_codec
+
+    mapping = outbound(**_GENERATED_FIELDS)
+    key = "reference"
+    schema = RowSchema(
+        columns=(
+            *(
+                ColumnSpec(name, "text" if name == key else kind)
+                for name, kind in mapping.column_types().items()
+            ),
+            ColumnSpec("unmapped", "json"),
+        ),
+        key=(key,),
+    )
+    codec = row_codec(schema, dialect)
+    assert codec.converters is not None
+    encoder = mapping.encoder(codec.names, codec.converters)
+    assert encoder is not None
+
+    try:
+        expected: Any = codec.encode(mapping.apply_one(record))
+    except Exception as exc:  # noqa: BLE001 - the fused function must fail too
+        expected = type(exc)
+
+    if isinstance(expected, tuple):
+        assert encoder(record) == expected
+    else:
+        with pytest.raises(Exception):  # noqa: B017,PT011 - any failure sends it back
+            encoder(record)

@@ -105,6 +105,10 @@ class RowCodec:
     names: tuple[str, ...]
     encode: Callable[[Row], Encoded]
     decode: Callable[[Encoded], dict[str, Any]]
+    # What ``encode`` does to each column's value that is not None (None: nothing), in
+    # ``names`` order: a mapping may then encode its rows as it computes them
+    # (``CompiledMapping.encoder``).
+    converters: tuple[Callable[[Any], Any] | None, ...] | None = None
 
 
 @runtime_checkable

@@ -47,6 +47,7 @@ from custsync.errors import (
     RecordError,
     TargetError,
 )
+from custsync.mapping import json_text
 from custsync.targets.base import (
     ColumnSpec,
     Encoded,
@@ -285,7 +286,7 @@ def _converter(kind: FieldType, dialect: str) -> Callable[[Any], Any] | None:
     and the JSON types would have bound it."""
     mysql_like = dialect in ("mysql", "mariadb")
     if kind == "json":
-        return lambda value: orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
+        return json_text
     if kind == "timestamp":
         if dialect == "sqlite":
             return utc_text
@@ -341,7 +342,7 @@ def row_codec(schema: RowSchema, dialect: str) -> RowCodec:
             for name, value, read in zip(names, values, decoders, strict=True)
         }
 
-    return RowCodec(names, namespace["encode"], decode)
+    return RowCodec(names, namespace["encode"], decode, tuple(converters))
 
 
 def _refusal(
