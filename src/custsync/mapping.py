@@ -757,8 +757,9 @@ def _generate_encoder(
 def _field_lines(
     mapping: CompiledMapping, namespace: dict[str, Any], as_text: frozenset[int]
 ) -> list[str]:
-    """The statements computing each field ``i`` into ``v{i}``; a JSON field in
-    ``as_text`` ends as its JSON text (``J``), not as the value."""
+    """The statements computing each field ``i`` into ``v{i}``; a field in ``as_text``
+    ends as its JSON text, not as the value (a plain JSON field with one dump, ``J``)."""
+    namespace["json_text"] = json_text
     lines = ["    g = r.get"]  # looked up once, called once per path
     for i, compiled in enumerate(mapping.fields):
         inlinable = compiled.plain is not None and all(
@@ -768,51 +769,58 @@ def _field_lines(
         if not inlinable or compiled.plain is None:
             namespace[f"f{i}"] = compiled.compute
             lines.append(f"    v{i} = f{i}(r)")
-            if i in as_text:
-                lines.append(f"    if v{i} is not None: v{i} = json_text(v{i})")
-                namespace["json_text"] = json_text
-            continue
-        default, coerce = compiled.plain
-        namespace[f"d{i}"] = default
-        namespace[f"c{i}"] = coerce
-        for n, path in enumerate(compiled.paths):
-            parts = path.split(".")
-            expr = f"g({parts[0]!r})"
-            for part in parts[1:]:
-                expr = f"({expr} or E).get({part!r})"
-            if n == 0:
-                lines.append(f"    v{i} = {expr}")
-            else:
-                lines.append(f"    if v{i} is None or v{i} == '': v{i} = {expr}")
-        if default is None:  # None stays None: only an empty text becomes it
-            lines.append(f"    if v{i} == '': v{i} = None")
         else:
-            lines.append(f"    if v{i} is None or v{i} == '': v{i} = d{i}")
-        # Values already of the column's type skip the call (the coercions leave them as
-        # they are): a validated record is mostly such values.
-        already = {
-            "text": f"v{i}.__class__ is str",
-            "integer": f"v{i}.__class__ is int",
-            "float": f"v{i}.__class__ is float",
-            "boolean": f"v{i}.__class__ is bool",
-            # aware, at UTC (a zero offset is falsy)
-            "timestamp": f"(v{i}.__class__ is datetime and v{i}.tzinfo is not None "
-            f"and not v{i}.utcoffset())",
-        }.get(compiled.type)
-        if already is not None:
-            lines.append(f"    if v{i} is not None and not {already}: v{i} = c{i}(v{i})")
-            if i in as_text:
-                lines.append(f"    if v{i} is not None: v{i} = json_text(v{i})")
-                namespace["json_text"] = json_text
-        elif coerce is _coerce_json:  # which leaves None as it is
-            call = "J" if i in as_text else f"c{i}"
-            lines.append(f"    if v{i} is not None: v{i} = {call}(v{i})")
-        else:
-            lines.append(f"    v{i} = c{i}(v{i})")
-            if i in as_text:
-                lines.append(f"    if v{i} is not None: v{i} = json_text(v{i})")
-                namespace["json_text"] = json_text
+            plain, texted = _plain_field_lines(i, compiled, namespace, i in as_text)
+            lines += plain
+            if texted:
+                continue
+        if i in as_text:
+            lines.append(f"    if v{i} is not None: v{i} = json_text(v{i})")
     return lines
+
+
+def _plain_field_lines(
+    i: int, compiled: CompiledField, namespace: dict[str, Any], as_text: bool
+) -> tuple[list[str], bool]:
+    """A path (or paths), a default and a coercion, inline; and whether the field ends as
+    its JSON text (``as_text`` and a JSON field: checked and dumped at once)."""
+    assert compiled.plain is not None
+    default, coerce = compiled.plain
+    namespace[f"d{i}"] = default
+    namespace[f"c{i}"] = coerce
+    lines = []
+    for n, path in enumerate(compiled.paths):
+        parts = path.split(".")
+        expr = f"g({parts[0]!r})"
+        for part in parts[1:]:
+            expr = f"({expr} or E).get({part!r})"
+        if n == 0:
+            lines.append(f"    v{i} = {expr}")
+        else:
+            lines.append(f"    if v{i} is None or v{i} == '': v{i} = {expr}")
+    if default is None:  # None stays None: only an empty text becomes it
+        lines.append(f"    if v{i} == '': v{i} = None")
+    else:
+        lines.append(f"    if v{i} is None or v{i} == '': v{i} = d{i}")
+    # Values already of the column's type skip the call (the coercions leave them as
+    # they are): a validated record is mostly such values.
+    already = {
+        "text": f"v{i}.__class__ is str",
+        "integer": f"v{i}.__class__ is int",
+        "float": f"v{i}.__class__ is float",
+        "boolean": f"v{i}.__class__ is bool",
+        # aware, at UTC (a zero offset is falsy)
+        "timestamp": f"(v{i}.__class__ is datetime and v{i}.tzinfo is not None "
+        f"and not v{i}.utcoffset())",
+    }.get(compiled.type)
+    if already is not None:
+        lines.append(f"    if v{i} is not None and not {already}: v{i} = c{i}(v{i})")
+    elif coerce is _coerce_json:  # which leaves None as it is
+        lines.append(f"    if v{i} is not None: v{i} = {'J' if as_text else f'c{i}'}(v{i})")
+        return lines, as_text
+    else:
+        lines.append(f"    v{i} = c{i}(v{i})")
+    return lines, False
 
 
 class RecordFailure(Exception):
