@@ -171,15 +171,14 @@ _PLAIN_JSON = (
 )
 
 
-def _coerce_json(value: Any) -> Any:
-    if not isinstance(value, dict | list):
-        return _to_jsonable(value)
-    # The common case in C: orjson checks the value holds plain JSON types only, and a
-    # scan of its bytes says whether a secret-named key needs the slow, filtering walk.
+def _plain_json(value: Any) -> bytes | None:
+    """The JSON text of a dict or list holding plain JSON types only and no secret-named
+    key, else None. The common case in C: orjson checks the types as it writes, and a
+    scan of the bytes says whether a secret-named key needs the slow, filtering walk."""
     try:
         blob = orjson.dumps(value, option=_PLAIN_JSON)
     except TypeError:
-        return _to_jsonable(value)
+        return None
     # ``find``, not ``in``: bytes' ``in`` first tries its argument as an integer and
     # builds a TypeError for each word (a third of a microsecond per record in all).
     low = blob.lower()
@@ -187,8 +186,14 @@ def _coerce_json(value: Any) -> Any:
         low.find(b"token") >= 0 or low.find(b"secret") >= 0 or low.find(b"password") >= 0
     ) and _SECRET_KEY_BYTES.search(blob):
         # Every secret name holds one of those words: the pattern runs only when one is in.
+        return None
+    return blob
+
+
+def _coerce_json(value: Any) -> Any:
+    if not isinstance(value, dict | list):
         return _to_jsonable(value)
-    return value
+    return value if _plain_json(value) is not None else _to_jsonable(value)
 
 
 def json_text(value: Any) -> str:
@@ -198,18 +203,11 @@ def json_text(value: Any) -> str:
 
 def _coerced_json_text(value: Any) -> Any:
     """``json_text(_coerce_json(value))``, a plain value dumped once (the check's dump is
-    the text: under ``_PLAIN_JSON`` orjson writes what it accepts as ``json_text`` does)."""
+    the text: what orjson accepts under ``_PLAIN_JSON`` it writes as ``json_text`` does)."""
     if value.__class__ is dict or value.__class__ is list:
-        try:
-            blob = orjson.dumps(value, option=_PLAIN_JSON)
-        except TypeError:
-            blob = None
+        blob = _plain_json(value)
         if blob is not None:
-            low = blob.lower()
-            if not (
-                low.find(b"token") >= 0 or low.find(b"secret") >= 0 or low.find(b"password") >= 0
-            ) or not _SECRET_KEY_BYTES.search(blob):
-                return blob.decode()
+            return blob.decode()
     coerced = _coerce_json(value)
     return None if coerced is None else json_text(coerced)
 
