@@ -508,6 +508,13 @@ def _work(
         return 1
 
 
+def _clean_text(value: Any) -> bool:
+    """A key value that is text, not empty, without surrounding space: used as it is."""
+    if value.__class__ is not str or not value:
+        return False
+    return not value[0].isspace() and not value[-1].isspace()
+
+
 def _widen(pipe: int) -> None:
     """Let the pipe hold about a batch (64 KiB by default, a batch is about 1 MB): the
     worker then hands a batch over and reads on, where it would wait until this process
@@ -1015,12 +1022,7 @@ class _Run:
                     fused = None
                 if fused is not None:
                     value = fused[key_at]
-                    if (
-                        value.__class__ is str
-                        and value
-                        and not value[0].isspace()
-                        and not value[-1].isspace()
-                    ):
+                    if _clean_text(value):
                         candidates.append(
                             Candidate(
                                 (value,), customer.get("updated_at"), 0, source_id, data, fused
@@ -1035,12 +1037,7 @@ class _Run:
             key: tuple[Any, ...] | None = None
             if single_key is not None:
                 value = row.get(single_key)
-                if (
-                    value.__class__ is str
-                    and value
-                    and not value[0].isspace()
-                    and not value[-1].isspace()
-                ):
+                if _clean_text(value):
                     key = (value,)  # the common case: a clean text key, nothing to convert
             if key is None:
                 missing = []
