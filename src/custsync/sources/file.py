@@ -36,6 +36,7 @@ from custsync.model import (
     iter_records,
     parse_timestamp,
 )
+from custsync.sources._skim import Skimmed, Skimmer
 from custsync.sources.base import Checkpoint, RawRecord, SourceBatch, SourceSettings
 
 Format = Literal["csv", "json", "jsonl", "parquet"]
@@ -153,6 +154,7 @@ class FileSource:
         self._base = Path(os.path.abspath(base_dir))
         self._raw_rows = settings.mapping is not None
         self._lookback: timedelta | None = None
+        self._skimmer: Skimmer | None = None  # made by the first incremental JSON Lines read
         self._reads: weakref.WeakSet[Generator[SourceBatch, None, None]] = weakref.WeakSet()
 
     def __repr__(self) -> str:
@@ -430,6 +432,13 @@ class FileSource:
         if line.isspace() or not line:
             return
         location = f"{plan.name}:{line_no}"
+        if since is not None and not self._raw_rows:
+            if self._skimmer is None:
+                self._skimmer = Skimmer()
+            skimmed = self._skimmer.skim(line, since)
+            if skimmed is not None:
+                yield from _document_items(skimmed, location)
+                return
         try:
             value = orjson.loads(line)
         except orjson.JSONDecodeError as exc:
@@ -520,7 +529,7 @@ class FileSource:
             return
         resources = _resources_of(value) if since is not None else None
         if resources is not None and isinstance(value, dict) and since is not None:
-            yield from _document(value, resources, location, since)
+            yield from _document_items(_document(value, resources, since), location)
             return
         try:
             records = list(iter_records(value))
@@ -726,12 +735,11 @@ def _resources_of(value: Any) -> list[dict[str, Any]] | None:
     return data
 
 
-def _document(
-    value: dict[str, Any], resources: list[dict[str, Any]], location: str, since: datetime
-) -> Iterator[_Item]:
-    """A list document's records, those older than ``since`` counted and left unnormalised
-    (an incremental run skips most of its input: this is its hot path)."""
-    kept: list[tuple[int, dict[str, Any], datetime | None]] = []
+def _document(value: dict[str, Any], resources: list[dict[str, Any]], since: datetime) -> Skimmed:
+    """A parsed list document, its resources older than ``since`` counted and left
+    unnormalised (an incremental run skips most of its input: this is its hot path; a
+    JSON Lines line is skimmed instead where it can be, see ``_skim``)."""
+    kept: list[tuple[int, dict[str, Any]]] = []
     skipped, newest = 0, None
     for k, resource in enumerate(resources):
         attributes = resource.get("attributes")
@@ -743,13 +751,18 @@ def _document(
             if newest is None or stamp > newest:
                 newest = stamp
             continue
-        kept.append((k, resource, stamp))
-    if newest is not None:
-        yield _Skip(skipped, newest)
-    if kept:
-        included = index_included(value.get("included"))
-        single = len(resources) == 1
-        for k, resource, _ in kept:
+        kept.append((k, resource))
+    return Skimmed(len(resources), skipped, newest, kept, value.get("included") if kept else None)
+
+
+def _document_items(document: Skimmed, location: str) -> Iterator[_Item]:
+    """The skipped records' count, then the records kept, normalised."""
+    if document.newest is not None:
+        yield _Skip(document.skipped, document.newest)
+    if document.kept:
+        included = index_included(document.included)
+        single = document.count == 1
+        for k, resource in document.kept:
             origin = location if single else f"{location}#{k}"
             yield RawRecord(data=from_resource(resource, included), origin=origin)
 
