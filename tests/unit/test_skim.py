@@ -159,6 +159,13 @@ def test_an_integer_beyond_64_bits_is_left_to_the_general_read() -> None:
     assert general(line)[0].count == 1  # orjson reads it (as a float), and it is skipped
 
 
+def test_a_line_over_16_mib_is_left_to_the_general_read() -> None:
+    line = page(resource(0, ("updated_at", NEW), ("metadata", Obj(("note", "x" * (16 << 20))))))
+
+    assert skimmed(line) is None
+    assert len(general(line)) == 1
+
+
 def test_the_parser_is_usable_again_after_a_line_it_refuses() -> None:
     skimmer = Skimmer()
     good = page(resource(0, ("updated_at", NEW)))

@@ -11,6 +11,7 @@ way), so a skim gives up wherever the two parsers could differ:
 - a line either parser refuses (simdjson refuses more: integers beyond 64 bits, some
   malformed text; the general read then says what is wrong, or reads it);
 - a byte order mark at the start (simdjson skips it, orjson refuses the line);
+- a line over 16 MiB (the parser would keep buffers that size for the rest of the run);
 - a repeated key where it decides the skip: orjson keeps an object's last value,
   simdjson's look-ups find the first. Asking simdjson for every object's keys costs
   more than the skim saves, so the line's bytes are counted instead: the skim is used
@@ -34,6 +35,9 @@ _BOM = b"\xef\xbb\xbf"
 # \u0000 to \u007f: the escapes that could spell a key's ASCII name another way.
 _ASCII_ESCAPE = re.compile(rb"\\u00[0-7]")
 _ATTRIBUTES = b'"attributes"'
+# A longer line is read the general way: the parser keeps buffers the size of the largest
+# document it has read for as long as it lives.
+_LIMIT = 16 << 20
 _UPDATED_AT = b'"updated_at"'
 
 
@@ -60,7 +64,11 @@ class Skimmer:
     def skim(self, line: bytes, since: datetime) -> Skimmed | None:
         """The list document on ``line``, its resources older than ``since`` skipped; None
         where the general read must decide (see the module's notes)."""
-        if line.startswith(_BOM) or (b"\\" in line and _ASCII_ESCAPE.search(line) is not None):
+        if (
+            len(line) > _LIMIT
+            or line.startswith(_BOM)
+            or (b"\\" in line and _ASCII_ESCAPE.search(line) is not None)
+        ):
             return None
         try:
             return self._skim(line, since)
