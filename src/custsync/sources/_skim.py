@@ -1,26 +1,5 @@
-"""Skimming a JSON:API list document: its resources' update times read without building
-the resources, and only the resources at or after the lower bound built.
-
-An incremental run over a full export skips most of its input, and the general read
-(orjson) builds every resource's dicts and strings only to drop nine in ten of them.
-simdjson parses a line into its own compact form several times faster; the update times
-are read from that, and the resources kept are built from it. The result must be exactly
-the general read's, or nothing (``None``: the caller then reads the line the general
-way), so a skim gives up wherever the two parsers could differ:
-
-- a line either parser refuses (simdjson refuses more: integers beyond 64 bits, some
-  malformed text; the general read then says what is wrong, or reads it);
-- a byte order mark at the start (simdjson skips it, orjson refuses the line);
-- a line over 16 MiB (the parser would keep buffers that size for the rest of the run);
-- a repeated key where it decides the skip: orjson keeps an object's last value,
-  simdjson's look-ups find the first. Asking simdjson for every object's keys costs
-  more than the skim saves, so the line's bytes are counted instead: the skim is used
-  only when ``"attributes"`` and ``"updated_at"`` occur in them exactly as often as the
-  resources and included objects hold those keys, so no object repeats one (a repeat, or
-  the name anywhere else, a value or a ``metadata`` key, only sends the line the general
-  way). A key may also be written with escapes (``"updated\\u005fat"``): a line with an
-  escaped ASCII character is never skimmed.
-"""
+"""Skimming a JSON Lines list document: its resources' update times read without building
+the resources, and only those an incremental run keeps built (``Skimmer``)."""
 
 from __future__ import annotations
 
@@ -34,11 +13,12 @@ from custsync.model import parse_timestamp
 _BOM = b"\xef\xbb\xbf"
 # \u0000 to \u007f: the escapes that could spell a key's ASCII name another way.
 _ASCII_ESCAPE = re.compile(rb"\\u00[0-7]")
+# The names counted in a line's bytes (see ``Skimmer``).
 _ATTRIBUTES = b'"attributes"'
+_UPDATED_AT = b'"updated_at"'
 # A longer line is read the general way: the parser keeps buffers the size of the largest
 # document it has read for as long as it lives.
 _LIMIT = 16 << 20
-_UPDATED_AT = b'"updated_at"'
 
 
 @dataclass(slots=True)
@@ -49,11 +29,32 @@ class Skimmed:
     skipped: int  # of them older than the lower bound, left unbuilt
     newest: datetime | None  # the newest skipped one's time
     kept: list[tuple[int, dict[str, Any]]]  # (position in ``data``, resource), built
-    included: list[Any] | None  # the document's ``included`` list, built when any is kept
+    included: Any  # the document's ``included`` as built (only a list is looked in), or None
 
 
 class Skimmer:
-    """Skims lines with one simdjson parser, reused from line to line."""
+    """Skims lines with one simdjson parser, reused from line to line.
+
+    An incremental run over a full export skips most of its input, and the general read
+    (orjson) builds every resource's dicts and strings only to drop nine in ten of them.
+    simdjson parses a line into its own compact form several times faster; the update
+    times are read from that, and the resources kept are built from it. The result must
+    be exactly the general read's, or nothing (``None``: the caller then reads the line
+    the general way), so a skim gives up wherever the two parsers could differ:
+
+    - a line either parser refuses (simdjson refuses more: integers beyond 64 bits, some
+      malformed text; the general read then says what is wrong, or reads it);
+    - a byte order mark at the start (simdjson skips it, orjson refuses the line);
+    - a line over 16 MiB (the parser would keep buffers that size for the rest of the run);
+    - a repeated key where it decides the skip: orjson keeps an object's last value,
+      simdjson's look-ups find the first. Asking simdjson for every object's keys costs
+      more than the skim saves, so the line's bytes are counted instead: the skim is used
+      only when ``"attributes"`` and ``"updated_at"`` occur in them exactly as often as
+      the resources and included objects hold those keys, so no object repeats one (a
+      repeat, or the name anywhere else, a value or a ``metadata`` key, only sends the
+      line the general way). A key may also be written with escapes
+      (``"updated\\u005fat"``): a line with an escaped ASCII character is never skimmed.
+    """
 
     def __init__(self) -> None:
         import simdjson  # only incremental runs over JSON Lines skim
