@@ -64,7 +64,7 @@ class Skimmer:
 
     def skim(self, line: bytes, since: datetime) -> Skimmed | None:
         """The list document on ``line``, its resources older than ``since`` skipped; None
-        where the general read must decide (see the module's notes)."""
+        where the general read must decide (see the class's notes)."""
         if (
             len(line) > _LIMIT
             or line.startswith(_BOM)
