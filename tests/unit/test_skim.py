@@ -152,6 +152,18 @@ def test_an_escaped_key_name_is_left_to_the_general_read() -> None:
     assert skimmed(line) is None
 
 
+def test_an_escape_that_cannot_spell_a_name_does_not_stop_the_skim() -> None:
+    # as Rails writes "&", "<" and ">" by default
+    plain = page(resource(0, ("updated_at", OLD)), resource(1, ("updated_at", NEW)))
+    line = plain.replace(b"c1@example.com", b"c1\\u0026\\u003c\\u003e@example.com")
+
+    skim = skimmed(line)
+
+    assert skim is not None
+    assert skim == general(line)
+    assert skim[1].data["email"] == "c1&<>@example.com"
+
+
 def test_an_integer_beyond_64_bits_is_left_to_the_general_read() -> None:
     line = page(resource(0, ("updated_at", OLD), ("metadata", Obj(("n", 2**70)))))
 

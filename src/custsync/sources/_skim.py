@@ -11,8 +11,10 @@ from typing import Any
 from custsync.model import parse_timestamp
 
 _BOM = b"\xef\xbb\xbf"
-# \u0000 to \u007f: the escapes that could spell a key's ASCII name another way.
-_ASCII_ESCAPE = re.compile(rb"\\u00[0-7]")
+# The escapes that could spell a character of the names counted (``_`` and ``a`` to ``z``)
+# another way. Others are common (Rails, by default, writes ``&``, ``<`` and ``>`` as
+# ``\u0026``, ``\u003c`` and ``\u003e``) and harmless: they cannot hide a name.
+_NAME_ESCAPE = re.compile(rb"\\u00(?:5[fF]|6[1-9a-fA-F]|7[0-9aA])")
 # The names counted in a line's bytes (see ``Skimmer``).
 _ATTRIBUTES = b'"attributes"'
 _UPDATED_AT = b'"updated_at"'
@@ -52,8 +54,9 @@ class Skimmer:
       only when ``"attributes"`` and ``"updated_at"`` occur in them exactly as often as
       the resources and included objects hold those keys, so no object repeats one (a
       repeat, or the name anywhere else, a value or a ``metadata`` key, only sends the
-      line the general way). A key may also be written with escapes
-      (``"updated\\u005fat"``): a line with an escaped ASCII character is never skimmed.
+      line the general way). A name may also be written with escapes
+      (``"updated\\u005fat"``): a line with an escaped ``_`` or lower-case letter is never
+      skimmed.
     """
 
     def __init__(self) -> None:
@@ -68,7 +71,7 @@ class Skimmer:
         if (
             len(line) > _LIMIT
             or line.startswith(_BOM)
-            or (b"\\" in line and _ASCII_ESCAPE.search(line) is not None)
+            or (b"\\" in line and _NAME_ESCAPE.search(line) is not None)
         ):
             return None
         try:
