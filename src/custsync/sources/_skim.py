@@ -95,7 +95,7 @@ class Skimmer:
             return None
         # How many objects hold each name, as found: checked against the bytes below.
         attributes_held = updated_held = 0
-        kept: list[tuple[int, dict[str, Any]]] = []
+        kept: list[tuple[int, Any]] = []  # built once the counts below agree
         skipped, newest = 0, None
         for k, resource in enumerate(data):
             if not isinstance(resource, simdjson.Object):
@@ -115,7 +115,7 @@ class Skimmer:
                 if newest is None or stamp > newest:
                     newest = stamp
                 continue
-            kept.append((k, resource.as_dict()))
+            kept.append((k, resource))
         included = document.get("included")
         if isinstance(included, simdjson.Array):
             for item in included:
@@ -131,4 +131,5 @@ class Skimmer:
             return None
         # Only a list of included objects is looked in (``index_included``).
         built = included.as_list() if kept and isinstance(included, simdjson.Array) else None
-        return Skimmed(len(data), skipped, newest, kept, built)
+        resources = [(k, resource.as_dict()) for k, resource in kept]
+        return Skimmed(len(data), skipped, newest, resources, built)
