@@ -30,8 +30,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 
-from sqlalchemy.exc import SQLAlchemyError
-
 from custsync import plugins
 from custsync.config import JobConfig, build_job, load_job_file
 from custsync.dedupe import Candidate, Ledger, PackedRecord, PackedRecords, Resolution
@@ -508,6 +506,15 @@ def _work(
         return 1
 
 
+def _run_failures() -> tuple[type[BaseException], ...]:
+    """What fails a run without being a bug in it: custsync's errors, the system's, and
+    SQLAlchemy's once the run has imported it (it does when it opens a database)."""
+    database = sys.modules.get("sqlalchemy.exc")
+    if database is None:
+        return (CustsyncError, OSError)
+    return (CustsyncError, OSError, database.SQLAlchemyError)
+
+
 def _clean_text(value: Any) -> bool:
     """A key value that is text, not empty, without surrounding space: used as it is."""
     if value.__class__ is not str or not value:
@@ -688,21 +695,7 @@ class _Run:
         state = store.get(self.config.name)
         since, cursor = self._lower_bound(state.watermark, state.cursor)
         result.watermark = state.watermark
-        if not self.dry_run:
-            abandoned = store.close_abandoned_runs(self.config.name)
-            if abandoned:
-                log.warning(
-                    "%d earlier run(s) of %s never finished (killed?); the target "
-                    "is brought up to date by this run",
-                    abandoned,
-                    self.config.name,
-                )
-            store.start_run(
-                self.config.name,
-                run_id=self.run_id,
-                dry_run=False,
-                watermark_before=state.watermark,
-            )
+        logged = False  # in the run log (``_log_start``)
         rejects = RejectsWriter(self.config.rejects_path, run_id=self.run_id, dry_run=self.dry_run)
         status, error, last_checkpoint, completed = "failed", None, None, False
         source: Source | None = None
@@ -726,9 +719,11 @@ class _Run:
                 Ledger(self.config.sync.duplicates, directory=self._scratch()) as ledger,
                 self._prepared_batches(source, since, cursor) as batches,
             ):
-                # A parallel run's worker is reading already: connecting to the target
-                # (loading its driver, reading its catalogue) overlaps the first batch.
-                # Nothing is written, here or there, before the target is ready.
+                # A parallel run's worker is reading already: logging the run and
+                # connecting to the target (importing SQLAlchemy, loading its driver,
+                # reading its catalogue) overlap the first batch. Nothing is written,
+                # here or there, before the target is ready.
+                logged = self._log_start(store, state.watermark)
                 target = self.job.make_target()
                 self.notes += target.prepare(self.schema, create=not self.dry_run)
                 commits = self.commits = self._commits(source, target)
@@ -773,7 +768,7 @@ class _Run:
             status, error = "interrupted", "interrupted by Ctrl-C"
         except ConfigError as exc:
             status, error = "config_error", str(exc)
-        except (CustsyncError, SQLAlchemyError, OSError) as exc:
+        except _run_failures() as exc:
             status, error = "failed", f"{type(exc).__name__}: {exc}"
             log.error("run %s of %s failed: %s", self.run_id, self.config.name, error)
         except Exception as exc:
@@ -820,6 +815,8 @@ class _Run:
             status = "rejects_exceeded"
         result.status, result.error, result.watermark = status, error, watermark
         if not self.dry_run:
+            if not logged:  # it failed before it got that far
+                self._log_start(store, state.watermark)
             store.finish_run(
                 self.run_id,
                 status=status,
@@ -827,6 +824,24 @@ class _Run:
                 watermark_after=watermark,
                 error=error,
             )
+
+    def _log_start(self, store: StateStore, watermark: datetime | None) -> bool:
+        """Log the run as running (not a dry run), closing any earlier run of the job that
+        never finished: this run holds the job's lock, so none of them is alive."""
+        if self.dry_run:
+            return False
+        abandoned = store.close_abandoned_runs(self.config.name)
+        if abandoned:
+            log.warning(
+                "%d earlier run(s) of %s never finished (killed?); the target "
+                "is brought up to date by this run",
+                abandoned,
+                self.config.name,
+            )
+        store.start_run(
+            self.config.name, run_id=self.run_id, dry_run=False, watermark_before=watermark
+        )
+        return True
 
     def _prepared_batches(
         self, source: Source, since: datetime | None, cursor: Mapping[str, Any] | None

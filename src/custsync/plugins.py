@@ -57,13 +57,13 @@ def _file_source() -> Connector:
 
 
 def _sql_target() -> Connector:
-    from custsync.targets.sql import SqlTarget, SqlTargetSettings
+    from custsync.targets._sqlrows import SqlTargetFactory, SqlTargetSettings
 
     return Connector(
         "sql",
         "target",
         SqlTargetSettings,
-        SqlTarget,
+        SqlTargetFactory(),
         "Any SQLAlchemy database: native upserts on SQLite, PostgreSQL, MariaDB/MySQL",
     )
 

@@ -2,6 +2,9 @@
 
 Two small tables on any SQLAlchemy URL (an SQLite file beside the job file by default),
 and a lock per job that dies with its process, so ``kill -9`` never leaves a stale one.
+A store in a plain SQLite file is opened, locked and read with ``sqlite3`` alone:
+SQLAlchemy (``custsync._statedb``) is imported when the store first writes, so a run's
+worker process starts reading before that import, and alongside it.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import json
 import logging
 import os
 import re
+import sqlite3
 import sys
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
@@ -19,14 +23,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote, unquote
 
-import sqlalchemy as sa
-from sqlalchemy.engine import URL, Connection, Dialect, Engine
-from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
-from sqlalchemy.types import TypeDecorator, TypeEngine
+from custsync.errors import ConfigError, LockedError, StateError
 
-from custsync.errors import ConfigError, LockedError, MissingDependencyError, StateError
+if TYPE_CHECKING:
+    import sqlalchemy as sa
+    from sqlalchemy.engine import Engine
 
 if sys.platform == "win32":
     import msvcrt
@@ -107,79 +111,43 @@ def _as_utc(value: datetime) -> datetime:
     return value.astimezone(UTC)
 
 
-class _UtcDateTime(TypeDecorator[datetime]):
-    """A timestamp that round-trips exactly (microseconds, UTC) on every backend.
-
-    SQLite: fixed-width ISO-8601 text ending in ``Z``, so text order is time order;
-    PostgreSQL: ``timestamptz``; MySQL/MariaDB: ``DATETIME(6)`` holding UTC.
-    """
-
-    impl = sa.DateTime
-    cache_ok = True
-
-    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
-        if dialect.name == "sqlite":
-            return dialect.type_descriptor(sa.String(27))
-        if dialect.name == "postgresql":
-            from sqlalchemy.dialects import postgresql
-
-            return dialect.type_descriptor(postgresql.TIMESTAMP(timezone=True))
-        if dialect.name in ("mysql", "mariadb"):
-            from sqlalchemy.dialects import mysql
-
-            return dialect.type_descriptor(mysql.DATETIME(fsp=6))
-        return dialect.type_descriptor(sa.DateTime())
-
-    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> Any:
-        if value is None:
-            return None
-        utc = _as_utc(value)
-        if dialect.name == "sqlite":
-            return utc.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
-        if dialect.name == "postgresql":
-            return utc
-        return utc.replace(tzinfo=None)
-
-    def process_result_value(self, value: Any | None, dialect: Dialect) -> datetime | None:
-        if value is None:
-            return None
-        if isinstance(value, str):
-            value = datetime.fromisoformat(value)
-        if not isinstance(value, datetime):
-            raise TypeError(f"expected a timestamp from the state store, got {type(value)}")
-        return _as_utc(value)
+def read_time(value: Any) -> datetime | None:
+    """A stored timestamp (SQLite's text, or a driver's datetime) as aware UTC."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    if not isinstance(value, datetime):
+        raise TypeError(f"expected a timestamp from the state store, got {type(value)}")
+    return _as_utc(value)
 
 
-_metadata = sa.MetaData()
-
-_state = sa.Table(
-    "custsync_state",
-    _metadata,
-    sa.Column("job", sa.String(_MAX_JOB), primary_key=True),
-    sa.Column("watermark", _UtcDateTime(), nullable=True),
-    sa.Column("cursor_json", sa.Text(), nullable=True),
-    sa.Column("updated_at", _UtcDateTime(), nullable=False),
+# The tables as SQLAlchemy creates them on SQLite (``_statedb``; a test holds the two
+# to the same columns), for a store that opens its file without SQLAlchemy.
+_SQLITE_TABLES = (
+    "CREATE TABLE IF NOT EXISTS custsync_state (job VARCHAR(255) NOT NULL, "
+    "watermark VARCHAR(27), cursor_json TEXT, updated_at VARCHAR(27) NOT NULL, "
+    "PRIMARY KEY (job))",
+    "CREATE TABLE IF NOT EXISTS custsync_runs (seq INTEGER NOT NULL, "
+    "run_id VARCHAR(64) NOT NULL, job VARCHAR(255) NOT NULL, "
+    "started_at VARCHAR(27) NOT NULL, ended_at VARCHAR(27), status VARCHAR(32) NOT NULL, "
+    "dry_run BOOLEAN NOT NULL, counts_json TEXT NOT NULL, watermark_before VARCHAR(27), "
+    "watermark_after VARCHAR(27), error TEXT, PRIMARY KEY (seq), UNIQUE (run_id))",
+    "CREATE INDEX IF NOT EXISTS ix_custsync_runs_job_started ON custsync_runs (job, started_at)",
 )
+_PLAIN_SQLITE_URL = re.compile(r"sqlite(?:\+pysqlite)?:///([^?#]*)")
 
-_runs = sa.Table(
-    "custsync_runs",
-    _metadata,
-    # seq breaks ties between runs started in the same microsecond (a frozen clock in tests)
-    sa.Column("seq", sa.Integer(), primary_key=True, autoincrement=True),
-    sa.Column("run_id", sa.String(_MAX_RUN_ID), nullable=False, unique=True),
-    sa.Column("job", sa.String(_MAX_JOB), nullable=False),
-    sa.Column("started_at", _UtcDateTime(), nullable=False),
-    sa.Column("ended_at", _UtcDateTime(), nullable=True),
-    sa.Column("status", sa.String(32), nullable=False),
-    sa.Column("dry_run", sa.Boolean(), nullable=False),
-    sa.Column("counts_json", sa.Text(), nullable=False),
-    sa.Column("watermark_before", _UtcDateTime(), nullable=True),
-    sa.Column("watermark_after", _UtcDateTime(), nullable=True),
-    sa.Column("error", sa.Text(), nullable=True),
-    sa.Index("ix_custsync_runs_job_started", "job", "started_at"),
-)
 
-_EXTRAS = {"postgresql": "postgres", "mysql": "mysql", "mariadb": "mysql"}
+def plain_sqlite_file(url: str) -> Path | None:
+    """The absolute file a plain SQLite URL names (``sqlite:///path``, without a query),
+    read as SQLAlchemy reads it; None for any other URL, which SQLAlchemy parses."""
+    match = _PLAIN_SQLITE_URL.fullmatch(url)
+    if match is None:
+        return None
+    database = unquote(match[1])
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return Path(database).expanduser().absolute()
 
 
 class StateStore:
@@ -211,16 +179,26 @@ class StateStore:
         lock_dir: Path | None = None,
         clock: Callable[[], datetime] = utcnow,
     ) -> None:
-        parsed = _parse_url(url)
         self._clock = clock
-        self._password = parsed.password
-        self._display = parsed.render_as_string(hide_password=True)
-        backend = parsed.get_backend_name()
-        sqlite_file = _sqlite_file(parsed) if backend == "sqlite" else None
+        self._password: str | None = None
+        self._engine_: Engine | None = None
+        # an absolute path, so a later chdir cannot point the store elsewhere
+        self._file = sqlite_file = plain_sqlite_file(url)
         if sqlite_file is not None:
-            # an absolute path, so a later chdir cannot point the store elsewhere
-            parsed = parsed.set(database=str(sqlite_file))
+            self._backend = "sqlite"
+            self._display = "sqlite:///" + quote(str(sqlite_file), safe=" +/")
+        else:
+            from custsync import _statedb as db
+
+            parsed = db.parse_url(url)
+            self._password = parsed.password
             self._display = parsed.render_as_string(hide_password=True)
+            self._backend = parsed.get_backend_name()
+            sqlite_file = db.sqlite_file(parsed) if self._backend == "sqlite" else None
+            if sqlite_file is not None:
+                parsed = parsed.set(database=str(sqlite_file))
+                self._display = parsed.render_as_string(hide_password=True)
+        if sqlite_file is not None:
             try:
                 sqlite_file.parent.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
@@ -234,18 +212,22 @@ class StateStore:
         else:
             url_hash = hashlib.blake2b(self._display.encode(), digest_size=8).hexdigest()
             self._lock_dir = Path(tempfile.gettempdir()) / "custsync-locks" / url_hash
-        self._engine = _create_engine(parsed, self._display)
+        if self._file is not None:
+            self._create_sqlite_tables()
+            return
+        engine = self._engine_ = db.create_engine(parsed, self._display)
+        self._backend = engine.dialect.name
         try:
             self._create_tables()
         except BaseException:
-            self._engine.dispose()
+            engine.dispose()
             raise
 
     @classmethod
     def for_job_file(cls, job_file: Path) -> StateStore:
         """The default store of a job: SQLite at ``<job dir>/.custsync/state.db``."""
         path = job_file.absolute().parent / ".custsync" / "state.db"
-        return cls(URL.create("sqlite", database=str(path)).render_as_string())
+        return cls("sqlite:///" + quote(str(path), safe=" +/"))
 
     def __repr__(self) -> str:
         return f"StateStore({self._display!r})"
@@ -254,17 +236,27 @@ class StateStore:
 
     def get(self, job: str) -> JobState:
         """The job's state; a job never seen has no watermark, cursor or update time."""
+        if self._file is not None:
+            return self._sqlite_get(job)
+        import sqlalchemy as sa
+
+        from custsync._statedb import job_state, state_table
+
         with self._failures(f"read the state of job {job!r}"), self._engine.connect() as conn:
-            row = conn.execute(sa.select(_state).where(_state.c.job == job)).first()
+            row = conn.execute(sa.select(state_table).where(state_table.c.job == job)).first()
         if row is None:
             return JobState(job, None, None, None)
-        return _job_state(row)
+        return job_state(row)
 
     def jobs(self) -> list[JobState]:
         """Every job the store knows (from its state or its run log), by name."""
+        import sqlalchemy as sa
+
+        from custsync._statedb import job_state, runs_table, state_table
+
         with self._failures("list the jobs"), self._engine.connect() as conn:
-            states = {row.job: _job_state(row) for row in conn.execute(sa.select(_state))}
-            logged = conn.execute(sa.select(_runs.c.job).distinct()).scalars().all()
+            states = {row.job: job_state(row) for row in conn.execute(sa.select(state_table))}
+            logged = conn.execute(sa.select(runs_table.c.job).distinct()).scalars().all()
         for job in logged:
             states.setdefault(job, JobState(job, None, None, None))
         return [states[job] for job in sorted(states)]
@@ -282,12 +274,16 @@ class StateStore:
         and the new one, and a new ``None`` keeps the old one. The cursor is replaced as
         given (``None`` clears it).
         """
+        import sqlalchemy as sa
+
+        from custsync._statedb import UtcDateTime, state_table
+
         _check_job(job)
         cursor_json = self._dump(cursor, "cursor")
         updates: dict[str, Any] = {"cursor_json": cursor_json, "updated_at": self._now()}
         if watermark is not None:
-            new = sa.literal(_as_utc(watermark), _UtcDateTime())
-            old = _state.c.watermark
+            new = sa.literal(_as_utc(watermark), UtcDateTime())
+            old = state_table.c.watermark
             # One statement compares and sets, so no read can go stale in between.
             updates["watermark"] = sa.case((sa.or_(old.is_(None), old < new), new), else_=old)
         inserts = {**updates, "watermark": watermark}
@@ -301,8 +297,12 @@ class StateStore:
 
     def reset(self, job: str) -> None:
         """Forget the job's watermark and cursor; its run log stays."""
+        import sqlalchemy as sa
+
+        from custsync._statedb import state_table
+
         with self._failures(f"reset job {job!r}"), self._engine.begin() as conn:
-            conn.execute(sa.delete(_state).where(_state.c.job == job))
+            conn.execute(sa.delete(state_table).where(state_table.c.job == job))
 
     # -- run log ------------------------------------------------------------------------
 
@@ -327,8 +327,12 @@ class StateStore:
             "counts_json": "{}",
             "watermark_before": watermark_before,
         }
+        import sqlalchemy as sa
+
+        from custsync._statedb import runs_table
+
         with self._failures(f"start run {run_id!r} of job {job!r}"), self._engine.begin() as conn:
-            conn.execute(sa.insert(_runs).values(row))
+            conn.execute(sa.insert(runs_table).values(row))
 
     def finish_run(
         self,
@@ -349,8 +353,14 @@ class StateStore:
             "watermark_after": watermark_after,
             "error": error,
         }
+        import sqlalchemy as sa
+
+        from custsync._statedb import runs_table
+
         with self._failures(f"finish run {run_id!r}"), self._engine.begin() as conn:
-            result = conn.execute(sa.update(_runs).where(_runs.c.run_id == run_id).values(values))
+            result = conn.execute(
+                sa.update(runs_table).where(runs_table.c.run_id == run_id).values(values)
+            )
             found = result.rowcount
         if found == 0:
             raise StateError(f"state store {self._display}: no run {run_id!r} was started")
@@ -364,20 +374,29 @@ class StateStore:
             "status": "failed",
             "error": "the run ended without finishing (the process was killed or crashed)",
         }
+        import sqlalchemy as sa
+
+        from custsync._statedb import runs_table
+
+        runs = runs_table.c
         with self._failures(f"close abandoned runs of job {job!r}"), self._engine.begin() as conn:
             result = conn.execute(
-                sa.update(_runs)
-                .where(_runs.c.job == job, _runs.c.status == "running", _runs.c.dry_run.is_(False))
+                sa.update(runs_table)
+                .where(runs.job == job, runs.status == "running", runs.dry_run.is_(False))
                 .values(values)
             )
             return int(result.rowcount or 0)
 
     def runs(self, job: str, *, limit: int = 10) -> list[RunRecord]:
         """The job's latest runs, newest first."""
+        import sqlalchemy as sa
+
+        from custsync._statedb import runs_table
+
         query = (
-            sa.select(_runs)
-            .where(_runs.c.job == job)
-            .order_by(_runs.c.started_at.desc(), _runs.c.seq.desc())
+            sa.select(runs_table)
+            .where(runs_table.c.job == job)
+            .order_by(runs_table.c.started_at.desc(), runs_table.c.seq.desc())
             .limit(max(limit, 0))
         )
         with self._failures(f"read the runs of job {job!r}"), self._engine.connect() as conn:
@@ -408,9 +427,11 @@ class StateStore:
         operating system or the database server when the process dies.
         """
         _check_job(job)
-        backend = self._engine.dialect.name
+        backend = self._backend
         held: AbstractContextManager[None]
         if backend == "postgresql":
+            import sqlalchemy as sa
+
             key = _pg_lock_key(job)
             held = self._server_lock(
                 job,
@@ -419,6 +440,8 @@ class StateStore:
                 {"key": key},
             )
         elif backend in ("mysql", "mariadb"):
+            import sqlalchemy as sa
+
             name = _mysql_lock_name(self._engine.url.database or "", job)
             held = self._server_lock(
                 job,
@@ -455,13 +478,16 @@ class StateStore:
         try:
             yield
         finally:
-            _release_server_lock(conn, release, params, job)
+            from custsync._statedb import release_server_lock
+
+            release_server_lock(conn, release, params, job)
 
     # -- life cycle ---------------------------------------------------------------------
 
     def close(self) -> None:
         """Close the store's connections."""
-        self._engine.dispose()
+        if self._engine_ is not None:
+            self._engine_.dispose()
 
     def __enter__(self) -> StateStore:
         return self
@@ -475,6 +501,66 @@ class StateStore:
         self.close()
 
     # -- helpers ------------------------------------------------------------------------
+
+    @property
+    def _engine(self) -> Engine:
+        """SQLAlchemy's engine, made when first needed (at once for any store but a plain
+        SQLite file, whose tables ``_create_sqlite_tables`` made)."""
+        if self._engine_ is None:
+            from sqlalchemy.engine import URL
+
+            from custsync._statedb import create_engine
+
+            url = URL.create("sqlite", database=str(self._file))
+            self._engine_ = create_engine(url, self._display)
+        return self._engine_
+
+    def _sqlite(self) -> sqlite3.Connection:
+        assert self._file is not None
+        return sqlite3.connect(self._file, timeout=_SQLITE_BUSY_TIMEOUT_S, isolation_level=None)
+
+    def _create_sqlite_tables(self) -> None:
+        try:
+            conn = self._sqlite()
+            try:
+                # Looked for first: a store that has its tables takes no write lock to
+                # open (another run may hold it; a read-only store can be read).
+                found = conn.execute(
+                    "SELECT count(*) FROM sqlite_master WHERE name IN "
+                    "('custsync_state', 'custsync_runs', 'ix_custsync_runs_job_started')"
+                ).fetchone()
+                if found != (len(_SQLITE_TABLES),):
+                    conn.execute("PRAGMA journal_mode=WAL")  # as the engine's connections do
+                    conn.execute("BEGIN IMMEDIATE")
+                    for statement in _SQLITE_TABLES:
+                        conn.execute(statement)
+                    conn.execute("COMMIT")
+            finally:
+                conn.close()
+        except sqlite3.Error as exc:
+            raise StateError(
+                f"state store {self._display}: could not create its tables: {exc}"
+            ) from exc
+
+    def _sqlite_get(self, job: str) -> JobState:
+        try:
+            conn = self._sqlite()
+            try:
+                row = conn.execute(
+                    "SELECT watermark, cursor_json, updated_at FROM custsync_state WHERE job = ?",
+                    (job,),
+                ).fetchone()
+            finally:
+                conn.close()
+        except sqlite3.Error as exc:
+            raise StateError(
+                f"state store {self._display}: could not read the state of job {job!r}: {exc}"
+            ) from exc
+        if row is None:
+            return JobState(job, None, None, None)
+        watermark, cursor_json, updated_at = row
+        cursor = None if cursor_json is None else json.loads(cursor_json)
+        return JobState(job, read_time(watermark), cursor, read_time(updated_at))
 
     def _now(self) -> datetime:
         return _as_utc(self._clock())
@@ -496,35 +582,52 @@ class StateStore:
     ) -> None:
         # Update, else insert: portable across dialects. Two writers inserting the same
         # new job at once make one of them fail on the primary key; its retry updates.
+        import sqlalchemy as sa
+        from sqlalchemy.exc import IntegrityError
+
+        from custsync._statedb import state_table
+
         with self._failures(f"{action} of job {job!r}"):
             for attempt in (1, 2):
                 try:
                     with self._engine.begin() as conn:
-                        stmt = sa.update(_state).where(_state.c.job == job).values(dict(updates))
+                        stmt = (
+                            sa.update(state_table)
+                            .where(state_table.c.job == job)
+                            .values(dict(updates))
+                        )
                         if conn.execute(stmt).rowcount == 0:
-                            conn.execute(sa.insert(_state).values(job=job, **inserts))
+                            conn.execute(sa.insert(state_table).values(job=job, **inserts))
                     return
                 except IntegrityError:
                     if attempt == 2:
                         raise
 
     def _create_tables(self) -> None:
-        if self._engine.dialect.name in ("mysql", "mariadb"):
+        from sqlalchemy.exc import SQLAlchemyError
+
+        from custsync._statedb import metadata, runs_table, state_table
+
+        if self._backend in ("mysql", "mariadb"):
             # utf8mb4_bin on MySQL/MariaDB: job names are case-sensitive identifiers, and
             # the default *_ci collations would make "ERP" and "erp" the same primary key.
             # Set here, not in the definitions: naming a dialect's options loads it, and a
             # run on SQLite should not pay for importing MySQL's dialect.
-            for table in (_state, _runs):
+            for table in (state_table, runs_table):
                 table.dialect_kwargs.update(mysql_charset="utf8mb4", mysql_collate="utf8mb4_bin")
         with self._failures("create its tables"):
             try:
-                _metadata.create_all(self._engine)
+                metadata.create_all(self._engine)
             except SQLAlchemyError:
                 # Another process may have created them between the check and the CREATE.
-                _metadata.create_all(self._engine)
+                metadata.create_all(self._engine)
 
     @contextmanager
     def _failures(self, action: str) -> Iterator[None]:
+        from sqlalchemy.exc import SQLAlchemyError
+
+        from custsync._statedb import reason as _reason
+
         try:
             yield
         except SQLAlchemyError as exc:
@@ -532,72 +635,9 @@ class StateStore:
             raise StateError(f"state store {self._display}: could not {action}: {reason}") from exc
 
 
-def _parse_url(url: str) -> URL:
-    try:
-        return sa.make_url(url)
-    except (ArgumentError, ValueError) as exc:
-        # The message leaves the URL out: it may carry a password.
-        raise ConfigError("the state store URL is not a valid SQLAlchemy URL") from exc
-
-
-def _create_engine(url: URL, display: str) -> Engine:
-    backend = url.get_backend_name()
-    try:
-        if backend == "sqlite":
-            engine = sa.create_engine(url, connect_args={"timeout": _SQLITE_BUSY_TIMEOUT_S})
-            sa.event.listen(engine, "connect", _on_sqlite_connect)
-            return engine
-        # pre-ping: a long run touches the store once per batch, and servers drop idle
-        # connections (MySQL's wait_timeout) in between.
-        return sa.create_engine(url, pool_pre_ping=True)
-    except ImportError as exc:
-        extra = _EXTRAS.get(backend)
-        if extra is not None:
-            raise MissingDependencyError(f"the state store {display}", extra) from exc
-        raise ConfigError(f"the state store {display} needs a missing driver: {exc}") from exc
-    except ArgumentError as exc:
-        raise ConfigError(f"the state store {display} has an unknown database kind") from exc
-
-
-def _on_sqlite_connect(dbapi_connection: Any, connection_record: Any) -> None:
-    cursor = dbapi_connection.cursor()
-    try:
-        # WAL lets readers (`state show`) run beside a writing run; FULL makes each
-        # checkpoint survive a power cut, not just a crash.
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA synchronous=FULL")
-    finally:
-        cursor.close()
-
-
-def _sqlite_file(url: URL) -> Path | None:
-    database = url.database
-    if not database or database == ":memory:" or database.startswith("file:"):
-        return None
-    if url.query.get("mode") == "memory":
-        return None
-    return Path(database).expanduser().absolute()
-
-
-def _job_state(row: sa.Row[Any]) -> JobState:
-    cursor = None if row.cursor_json is None else json.loads(row.cursor_json)
-    return JobState(row.job, row.watermark, cursor, row.updated_at)
-
-
 def _check_job(job: str) -> None:
     if not job or len(job) > _MAX_JOB:
         raise ConfigError(f"a job name has 1 to {_MAX_JOB} characters, got {len(job)}", key="name")
-
-
-def _reason(exc: SQLAlchemyError, password: str | None) -> str:
-    # The driver's own message, without SQLAlchemy's statement and parameters (which may
-    # hold a source's cursor); first line only, and never the URL's password.
-    orig = getattr(exc, "orig", None)
-    text = str(orig) if orig is not None else type(exc).__name__
-    text = (text.strip().splitlines() or [type(exc).__name__])[0]
-    if password:
-        text = text.replace(password, "***")
-    return text
 
 
 def _pg_lock_key(job: str) -> int:
@@ -654,16 +694,3 @@ def _file_lock(path: Path, job: str) -> Iterator[None]:
             _unlock_fd(fd)
         finally:
             os.close(fd)
-
-
-def _release_server_lock(
-    conn: Connection, release: sa.TextClause, params: dict[str, Any], job: str
-) -> None:
-    try:
-        conn.execute(release, params)
-    except SQLAlchemyError:
-        # The session is broken; discarding it ends it, and the server frees its locks.
-        logger.warning("could not release the lock of job %r; dropping its connection", job)
-        conn.invalidate()
-    finally:
-        conn.close()

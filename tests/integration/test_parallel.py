@@ -545,3 +545,38 @@ def test_the_workers_pipe_holds_about_a_batch() -> None:
     finally:
         os.close(receiver)
         os.close(sender)
+
+
+# Runs `custsync sync` in this process, noting at each fork whether SQLAlchemy is loaded.
+SYNC_NOTING_FORKS = """
+import os, sys
+loaded_at_fork = []
+os.register_at_fork(before=lambda: loaded_at_fork.append("sqlalchemy" in sys.modules))
+from custsync.cli import main
+code = main(["sync", sys.argv[1], "--json"])
+print("forks:", loaded_at_fork, "sqlalchemy at the end:", "sqlalchemy" in sys.modules)
+sys.exit(code)
+"""
+
+
+@pytest.mark.parametrize("run", ["initial", "incremental"])
+def test_the_worker_starts_before_the_run_imports_sqlalchemy(tmp_path: Path, run: str) -> None:
+    """The worker reads while the run imports SQLAlchemy (a fifth of a second) for the
+    state's writes and the target: the job, the state and the lock need none of it."""
+    _, job_file = generated_job(tmp_path, 500, seed=5, batch_size=100)
+    if run == "incremental":  # the second run reads from the first one's watermark
+        assert Job.from_file(job_file).run().status == "ok"
+
+    done = subprocess.run(
+        [sys.executable, "-c", SYNC_NOTING_FORKS, str(job_file)],
+        cwd=tmp_path,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+    assert done.returncode == 0, done.stderr
+    assert "forks: [False] sqlalchemy at the end: True" in done.stdout
+    with sqlite3.connect(tmp_path / "target.db") as db:
+        assert db.execute("SELECT count(*) FROM customers").fetchone() == (500,)

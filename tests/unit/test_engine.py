@@ -697,3 +697,34 @@ def test_a_prepared_batch_pickles_whole(packed: bool) -> None:
 
     prepared.candidates[3].seq, prepared.candidates[3].outcome = 12, "inserted"
     assert candidate_fields(pickle.loads(pickle.dumps(prepared))) == candidate_fields(prepared)
+
+
+def test_a_run_that_fails_before_it_reads_is_in_the_run_log(tmp_path: Path) -> None:
+    """A run is logged as it begins writing; one that fails before (its source cannot be
+    opened) is logged as it ends, with its error."""
+
+    def cannot_open(settings: Any, base_dir: Any) -> Any:
+        raise SourceError("the export is gone")
+
+    job, _ = make_job(tmp_path, [customer("a")])
+    plugins.register(Connector("memory", "source", MemorySourceSettings, cannot_open))
+
+    first = job.run()
+    second = job.run()
+
+    runs = job.state_store().runs("t")
+    assert [(r.run_id, r.status) for r in runs] == [
+        (second.run_id, "failed"),
+        (first.run_id, "failed"),
+    ]
+    assert all("the export is gone" in (r.error or "") for r in runs)
+    assert all(r.ended_at is not None and r.ended_at >= r.started_at for r in runs)
+
+
+def test_a_run_is_logged_once_with_its_counts(tmp_path: Path) -> None:
+    job, _ = make_job(tmp_path, [customer("a"), customer("b")])
+
+    result = job.run()
+
+    [run] = job.state_store().runs("t")
+    assert (run.run_id, run.status, run.counts["inserted"]) == (result.run_id, "ok", 2)

@@ -401,3 +401,152 @@ def test_runs_left_running_by_a_killed_process_are_closed_as_failed(tmp_path: Pa
         assert closed == 1
         assert run.status == "failed"
         assert "killed" in (run.error or "")
+
+
+# --- a plain SQLite file without SQLAlchemy -------------------------------------------
+
+_PATH_TEXT = st.text(
+    st.characters(codec="utf-8", exclude_characters="\x00/"), min_size=1, max_size=12
+)
+
+
+@given(parts=st.lists(_PATH_TEXT, min_size=1, max_size=3), absolute=st.booleans())
+def test_a_plain_sqlite_url_names_the_file_sqlalchemy_would_open(
+    parts: list[str], absolute: bool
+) -> None:
+    import sqlalchemy as sa
+
+    from custsync.state import plain_sqlite_file
+
+    raw = ("/" if absolute else "") + "/".join(parts)
+    for url in (
+        f"sqlite:///{raw}",
+        sa.engine.URL.create("sqlite", database=raw).render_as_string(),
+    ):
+        found = plain_sqlite_file(url)
+        database = sa.make_url(url).database
+        if found is not None:
+            assert database
+            assert found == Path(database).expanduser().absolute()
+        else:  # left to SQLAlchemy: a query, a fragment, memory or a file: URI
+            assert (
+                not database
+                or "?" in url
+                or "#" in url
+                or database.startswith(("file:", ":memory:"))
+            )
+
+
+def test_a_plain_sqlite_store_says_its_url_as_sqlalchemy_renders_it(tmp_path: Path) -> None:
+    import sqlalchemy as sa
+
+    path = tmp_path / "a b+c%d@e" / "state.db"
+    rendered = sa.engine.URL.create("sqlite", database=str(path)).render_as_string()
+
+    with StateStore(rendered) as store:
+        assert repr(store) == f"StateStore({rendered!r})"
+
+
+def _table_shapes(path: Path) -> dict[str, object]:
+    import sqlite3
+
+    conn = sqlite3.connect(path)
+    try:
+        shapes: dict[str, object] = {}
+        for table in ("custsync_state", "custsync_runs"):
+            shapes[table] = conn.execute(f"PRAGMA table_info({table})").fetchall()
+            indexes = conn.execute(f"PRAGMA index_list({table})").fetchall()
+            shapes[f"{table} indexes"] = sorted(
+                (unique, origin, conn.execute(f"PRAGMA index_info({name!r})").fetchall())
+                for _, name, unique, origin, _partial in indexes
+            )
+        return shapes
+    finally:
+        conn.close()
+
+
+def test_a_plain_sqlite_store_creates_the_tables_sqlalchemy_would(tmp_path: Path) -> None:
+    import sqlalchemy as sa
+
+    from custsync._statedb import metadata
+
+    with StateStore(f"sqlite:///{tmp_path / 'plain.db'}"):
+        pass
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'sqlalchemy.db'}")
+    metadata.create_all(engine)
+    engine.dispose()
+
+    assert _table_shapes(tmp_path / "plain.db") == _table_shapes(tmp_path / "sqlalchemy.db")
+
+
+def test_state_read_without_sqlalchemy_equals_what_sqlalchemy_reads(db_url: str) -> None:
+    cursor = {"page": 7, "name": "é\u2028", "nested": {"a": [1, None, 2.5]}}
+    with StateStore(db_url, clock=StepClock()) as store:
+        store.checkpoint("job", watermark=T0 + timedelta(microseconds=1), cursor=cursor)
+
+    with StateStore(db_url) as store:
+        plain = store.get("job")
+        (through_sqlalchemy,) = store.jobs()
+
+    assert plain == through_sqlalchemy
+    assert plain.watermark == T0 + timedelta(microseconds=1)
+    assert plain.cursor == cursor
+
+
+def test_a_store_in_a_missing_folder_it_cannot_make_raises_state_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+
+    with pytest.raises(StateError, match="cannot create its folder"):
+        StateStore(f"sqlite:///{blocker / 'state.db'}")
+
+
+def test_a_file_that_is_not_a_database_raises_state_error(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    path.write_bytes(b"this is not an SQLite database, but long enough to look like one" * 20)
+
+    with pytest.raises(StateError, match="could not create its tables"):
+        StateStore(f"sqlite:///{path}")
+
+
+SQLALCHEMY_ON_FIRST_WRITE = """
+import sys
+from custsync.state import StateStore
+store = StateStore(sys.argv[1])
+with store.lock("job"):
+    state = store.get("job")
+    before = "sqlalchemy" in sys.modules
+    store.checkpoint("job", watermark=None, cursor={"n": 1})
+    print(before, "sqlalchemy" in sys.modules, state.cursor, store.get("job").cursor)
+"""
+
+
+def test_a_plain_sqlite_store_imports_sqlalchemy_only_when_it_first_writes(db_url: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", SQLALCHEMY_ON_FIRST_WRITE, db_url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+
+    assert done.stdout.split() == ["False", "True", "None", "{'n':", "1}"]
+
+
+def test_opening_a_store_and_reading_it_wait_for_no_writer(db_url: str, tmp_path: Path) -> None:
+    """Another run may be writing to the store (a checkpoint): opening it and reading a
+    job's state take no write lock, so they go on at once."""
+    import sqlite3
+
+    with StateStore(db_url, clock=StepClock()) as store:
+        store.checkpoint("job", watermark=T0, cursor=None)
+    writer = sqlite3.connect(tmp_path / "state" / "state.db", isolation_level=None)
+    try:
+        writer.execute("BEGIN IMMEDIATE")
+        writer.execute("UPDATE custsync_state SET cursor_json = '{}'")
+
+        with StateStore(db_url) as store:
+            assert store.get("job").watermark == T0
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()

@@ -24,11 +24,10 @@ import importlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, cast
 
 import orjson
 import sqlalchemy as sa
-from pydantic import Field
 from sqlalchemy.engine import Connection, Dialect, Engine
 from sqlalchemy.exc import (
     ArgumentError,
@@ -42,12 +41,21 @@ from sqlalchemy.exc import (
 from custsync._sqlite import bind_nulls_directly
 from custsync.errors import (
     ConfigError,
-    FieldError,
     MissingDependencyError,
     RecordError,
     TargetError,
 )
-from custsync.mapping import json_text
+from custsync.targets._sqlrows import (
+    DRIVERS,
+    SqlTargetSettings,
+    as_utc,
+    decoder,
+    dialect_of,
+    normalise_url,
+    read_utc,
+    row_codec,
+    utc_text,
+)
 from custsync.targets.base import (
     ColumnSpec,
     Encoded,
@@ -58,31 +66,23 @@ from custsync.targets.base import (
     RowCodec,
     RowResult,
     RowSchema,
-    TargetSettings,
 )
+
+__all__ = [
+    "SqlTarget",
+    "SqlTargetSettings",
+    "UtcTimestamp",
+    "dialect_of",
+    "make_engine",
+    "normalise_url",
+    "row_codec",
+    "safe_url",
+    "utc_text",
+]
 
 # Bound parameters per SELECT ... IN: well under every dialect's limit.
 _IN_CHUNK = 500
 _COPY_MIN_ROWS = 50  # below this a COPY's extra statements cost more than they save
-_DRIVERS = {
-    "postgresql": ("postgresql+psycopg", "psycopg", "PostgreSQL", "postgres"),
-    "postgres": ("postgresql+psycopg", "psycopg", "PostgreSQL", "postgres"),
-    "mysql": ("mysql+pymysql", "pymysql", "MySQL", "mysql"),
-    "mariadb": ("mariadb+pymysql", "pymysql", "MariaDB", "mysql"),
-}
-
-
-class SqlTargetSettings(TargetSettings):
-    connector: Literal["sql"] = "sql"
-    url: str = Field(repr=False)  # may hold a password: never in a repr or a message
-    table: str = "customers"
-    db_schema: str | None = Field(default=None, alias="schema")
-    create_table: bool = True
-    key_length: int = Field(default=255, ge=1, le=3072)
-    # A column the database fills (an identity, a sequence default, a trigger): each row's
-    # own id, reported as its target id (what [writeback] sends back to Commerce Layer).
-    # A table custsync creates gets it as an identity column.
-    id_column: str | None = None
 
 
 class UtcTimestamp(sa.types.TypeDecorator[datetime]):
@@ -115,14 +115,7 @@ class UtcTimestamp(sa.types.TypeDecorator[datetime]):
         return utc
 
     def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
-        if value is None:
-            return None
-        if isinstance(value, str):
-            text = value.strip()
-            value = datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith("Z") else text)
-        if not isinstance(value, datetime):
-            return None
-        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        return read_utc(value)
 
 
 def _dialect(name: str) -> Any:
@@ -257,113 +250,6 @@ class _PgCopy:
         return True
 
 
-def _utc(value: datetime) -> datetime:
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-
-def utc_text(value: datetime) -> str:
-    """Fixed-width ISO-8601 UTC with microseconds and ``Z``: the SQLite storage form."""
-    offset = value.utcoffset()
-    if offset:  # naive is UTC already (``_utc``)
-        value = value.astimezone(UTC)
-    # A third of ``isoformat``'s time, which a load spends per timestamp of every row.
-    return "%04d-%s-%sT%s:%s:%s.%06dZ" % (  # noqa: UP031 - the fastest of the forms
-        value.year,
-        _TWO_DIGITS[value.month],
-        _TWO_DIGITS[value.day],
-        _TWO_DIGITS[value.hour],
-        _TWO_DIGITS[value.minute],
-        _TWO_DIGITS[value.second],
-        value.microsecond,
-    )
-
-
-_TWO_DIGITS = [f"{n:02d}" for n in range(60)]
-
-
-def _converter(kind: FieldType, dialect: str) -> Callable[[Any], Any] | None:
-    """How a mapped value of ``kind`` goes to the driver of ``dialect``, as UtcTimestamp
-    and the JSON types would have bound it."""
-    mysql_like = dialect in ("mysql", "mariadb")
-    if kind == "json":
-        return json_text
-    if kind == "timestamp":
-        if dialect == "sqlite":
-            return utc_text
-        if mysql_like:
-            return lambda value: _utc(value).replace(tzinfo=None)
-        return _utc
-    if kind == "boolean" and (dialect == "sqlite" or mysql_like):
-        return int
-    return None
-
-
-def _decoder(kind: FieldType, dialect: str) -> Callable[[Any], Any] | None:
-    """The inverse of ``_converter``: a bound value as a read of the column returns it."""
-    if kind == "json":
-        return _sqlite_json
-    if kind == "timestamp":
-        return _sqlite_timestamp if dialect == "sqlite" else _as_utc
-    if kind == "boolean" and dialect in ("sqlite", "mysql", "mariadb"):
-        return bool
-    return None
-
-
-def row_codec(schema: RowSchema, dialect: str) -> RowCodec:
-    """The rows of ``schema`` as the driver of ``dialect`` binds them (see ``RowCodec``):
-    one generated function converts a row, a loop of per-column calls costing several
-    times more on a wide table."""
-    names = tuple(c.name for c in schema.columns)
-    converters = [
-        None if c.name in schema.key else _converter(c.type, dialect) for c in schema.columns
-    ]
-    namespace: dict[str, Any] = {"refused": _refusal(schema, converters)}
-    items = []
-    for index, (name, convert) in enumerate(zip(names, converters, strict=True)):
-        value = f"g({name!r})"
-        if convert is not None:
-            namespace[f"c{index}"] = convert
-            value = f"(None if (v{index} := {value}) is None else c{index}(v{index}))"
-        items.append(value)
-    exec(
-        "def encode(r):\n"
-        f"    try:\n        g = r.get\n        return ({', '.join(items)},)\n"
-        "    except Exception:\n        refused(r)\n        raise",
-        namespace,
-    )
-    decoders = [
-        None if n in schema.key else _decoder(c.type, dialect)
-        for n, c in zip(names, schema.columns, strict=True)
-    ]
-
-    def decode(values: Encoded) -> dict[str, Any]:
-        return {
-            name: value if read is None or value is None else read(value)
-            for name, value, read in zip(names, values, decoders, strict=True)
-        }
-
-    return RowCodec(names, namespace["encode"], decode, tuple(converters))
-
-
-def _refusal(
-    schema: RowSchema, converters: Sequence[Callable[[Any], Any] | None]
-) -> Callable[[Row], None]:
-    def refused(row: Row) -> None:
-        """Raise ``RecordError`` naming the first column whose value cannot be bound."""
-        for column, convert in zip(schema.columns, converters, strict=True):
-            value = row.get(column.name)
-            if convert is None or value is None:
-                continue
-            try:
-                convert(value)
-            except Exception as exc:  # noqa: BLE001 - any refusal is the value's
-                raise RecordError(
-                    [FieldError(column.name, f"cannot be written as {column.type}: {exc}")]
-                ) from None
-
-    return refused
-
-
 def _family(sa_type: sa.types.TypeEngine[Any]) -> str:
     """A coarse family of a reflected column type, to catch a mapping that cannot fit."""
     if isinstance(sa_type, sa.Boolean):
@@ -390,30 +276,13 @@ _FITS: dict[str, set[str]] = {
 }
 
 
-def dialect_of(url: str) -> str:
-    """The SQLAlchemy dialect a target URL names (``postgres://`` is ``postgresql``)."""
-    scheme = normalise_url(url).split("://", 1)[0]
-    return scheme.split("+", 1)[0]
-
-
-def normalise_url(url: str) -> str:
-    """Pick our drivers when the URL names none (``postgresql://`` means psycopg 3)."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        raise ConfigError("not a database URL (like sqlite:///file.db)", key="target.url")
-    dialect = scheme.split("+", 1)[0]
-    if dialect in _DRIVERS and "+" not in scheme:
-        scheme = _DRIVERS[dialect][0]
-    return f"{scheme}://{rest}"
-
-
 def make_engine(url: str, *, what: str = "the sql target") -> Engine:
     """An Engine with the session settings custsync relies on: UTC everywhere, strict
     MariaDB, and working SAVEPOINTs on SQLite."""
     url = normalise_url(url)
     dialect = url.split(":", 1)[0].split("+", 1)[0]
-    if dialect in _DRIVERS:
-        _, module, label, extra = _DRIVERS[dialect]
+    if dialect in DRIVERS:
+        _, module, label, extra = DRIVERS[dialect]
         try:
             __import__(module)
         except ImportError:
@@ -948,12 +817,12 @@ class SqlTarget:
         self, conn: Connection, table: sa.Table, key: str, keys: Sequence[Key]
     ) -> dict[Key, Row]:
         """The batch's stored rows through the driver's own cursor, each value decoded as
-        the column's type would have (``_decoder``) when it is first read: a row whose
+        the column's type would have (``decoder``) when it is first read: a row whose
         guard column decides is never decoded whole. SQLAlchemy's result machinery cost
         more than SQLite's work. The cursor is the connection's: same transaction."""
         _, schema = self._ready()
         names = [c.name for c in table.columns if self._present is None or c.name in self._present]
-        decoders = {n: (i, _decoder(schema.column(n).type, "sqlite")) for i, n in enumerate(names)}
+        decoders = {n: (i, decoder(schema.column(n).type, "sqlite")) for i, n in enumerate(names)}
         where = names.index(key)
         preparer = self.engine.dialect.identifier_preparer
         head = (
@@ -987,7 +856,7 @@ class SqlTarget:
         decode = self._codec.decode
         if guard is not None:
             guard_at = self._codec.names.index(guard)
-            guard_value = _decoder(schema.column(guard).type, self.dialect) or (lambda v: v)
+            guard_value = decoder(schema.column(guard).type, self.dialect) or (lambda v: v)
         for encoded in rows:
             key = self._key_of(encoded)
             current = stored.get(key)
@@ -1005,7 +874,7 @@ class SqlTarget:
                 old, new = current.get(guard), encoded[guard_at]
                 if old is not None and new is not None:
                     new = guard_value(new)
-                    old, new = _as_utc(old), _as_utc(new)
+                    old, new = as_utc(old), as_utc(new)
                     if old > new:
                         decided.append((RowResult(key, Outcome.STALE), None))
                         continue
@@ -1170,27 +1039,9 @@ class _StoredRow(Mapping[str, Any]):
         return len(self._decoders)
 
 
-def _sqlite_json(value: Any) -> Any:
-    # As SQLAlchemy's SQLite JSON type reads it: text is JSON, a number stands as itself.
-    return orjson.loads(value) if isinstance(value, str | bytes) else value
-
-
-def _sqlite_timestamp(value: Any) -> Any:
-    return _UTC_TIMESTAMP.process_result_value(value, None)  # type: ignore[arg-type]
-
-
-_UTC_TIMESTAMP = UtcTimestamp()
-
-
-def _as_utc(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-    return value
-
-
 def _same(stored: Any, incoming: Any) -> bool:
     if isinstance(stored, datetime) and isinstance(incoming, datetime):
-        return bool(_as_utc(stored) == _as_utc(incoming))
+        return bool(as_utc(stored) == as_utc(incoming))
     if isinstance(stored, float) or isinstance(incoming, float):
         try:
             return stored is not None and incoming is not None and float(stored) == float(incoming)
