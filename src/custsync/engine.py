@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import hashlib
+import heapq
 import logging
 import mmap
 import os
@@ -24,11 +26,13 @@ import time
 import traceback
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, BinaryIO, cast
+
+import orjson
 
 from custsync import plugins
 from custsync.config import JobConfig, build_job, load_job_file
@@ -51,9 +55,10 @@ from custsync.sources.base import (
     Source,
     SourceBatch,
 )
-from custsync.state import StateStore
+from custsync.state import StateStore, Written
 from custsync.targets.base import (
     HasRowCodec,
+    Key,
     Outcome,
     Previewable,
     Row,
@@ -506,6 +511,82 @@ def _work(
         return 1
 
 
+class _Seen:
+    """The rows a run wrote (or found written) at its newest update times, by time: what
+    it leaves the next run (``StateStore.remember``), which reads from its watermark less
+    the lookback again. Only times within ``lookback`` of the newest are kept, and at most
+    ``_SEEN_KEYS`` rows: any part of them is as good (a record not kept is compared with
+    the target again, as it would be without them)."""
+
+    def __init__(self, lookback: timedelta) -> None:
+        self._lookback = lookback
+        self._by_time: dict[datetime, set[Written]] = {}
+        self._times: list[datetime] = []  # a heap of the times kept
+        self._size = 0
+        self._floor: datetime | None = None  # older than this is not kept
+
+    def add(self, candidates: Iterable[Candidate]) -> None:
+        for candidate in candidates:
+            ts = candidate.ts
+            if ts is not None and self._admits(ts):
+                digest = _digest(candidate.row)  # only now: a load has many to turn away
+                if digest is not None:
+                    self._add(ts, (candidate.key, digest))
+
+    def keep(self, seen: Mapping[datetime, Iterable[Written]]) -> None:
+        """What the last run left: still true, so still worth leaving to the next."""
+        for ts, rows in seen.items():
+            for row in rows:
+                if self._admits(ts):
+                    self._add(ts, row)
+
+    def _admits(self, ts: datetime) -> bool:
+        """Whether a row of time ``ts`` is kept (if there is room), raising the floor when
+        ``ts`` is the newest yet."""
+        if self._floor is not None and ts < self._floor:
+            return False
+        floor = ts - self._lookback
+        if self._floor is None or floor > self._floor:
+            self._raise_floor(floor)
+        return self._size < _SEEN_KEYS
+
+    def _add(self, ts: datetime, row: Written) -> None:
+        rows = self._by_time.get(ts)
+        if rows is None:
+            rows = self._by_time[ts] = set()
+            heapq.heappush(self._times, ts)
+        if row not in rows:
+            rows.add(row)
+            self._size += 1
+
+    def _raise_floor(self, floor: datetime) -> None:
+        self._floor = floor
+        while self._times and self._times[0] < floor:
+            self._size -= len(self._by_time.pop(heapq.heappop(self._times)))
+
+    def since(self, start: datetime) -> dict[datetime, set[Written]]:
+        return {at: keys for at, keys in self._by_time.items() if at >= start}
+
+
+_SEEN_KEYS = 1_000
+
+
+def _held(
+    seen: Mapping[datetime, frozenset[Written]], ts: datetime | None, key: Key, row: Any
+) -> bool:
+    """Whether the last complete run wrote this row from a record of time ``ts``."""
+    rows = seen.get(ts) if ts is not None else None
+    return rows is not None and (key, _digest(row)) in rows
+
+
+def _digest(row: Any) -> str | None:
+    """A fingerprint of a row's values, the same in every run (None: not plain JSON)."""
+    try:
+        return hashlib.blake2b(orjson.dumps(row), digest_size=8).hexdigest()
+    except TypeError:
+        return None
+
+
 def _run_failures() -> tuple[type[BaseException], ...]:
     """What fails a run without being a bug in it: custsync's errors, the system's, and
     SQLAlchemy's once the run has imported it (it does when it opens a database)."""
@@ -655,6 +736,8 @@ class _Run:
         self.notes: list[str] = []
         self.writeback: Any = None
         self.commits = _Commits(None, 0.0, self.counts)  # the run's (``_commits``)
+        self.lookback = self.config.sync.lookback
+        self.seen = _Seen(self.lookback)  # what ``StateStore.remember`` keeps
         self.written_back: Counter[str] = Counter()
 
     # --- the run as a list of stages --------------------------------------------------
@@ -694,6 +777,8 @@ class _Run:
     def _locked_run(self, store: StateStore, result: RunResult) -> None:
         state = store.get(self.config.name)
         since, cursor = self._lower_bound(state.watermark, state.cursor)
+        seen = state.seen if since is not None else {}
+        self.seen.keep(state.seen)
         result.watermark = state.watermark
         logged = False  # in the run log (``_log_start``)
         rejects = RejectsWriter(self.config.rejects_path, run_id=self.run_id, dry_run=self.dry_run)
@@ -717,22 +802,32 @@ class _Run:
             self.encoded = self._encoder()
             with (
                 Ledger(self.config.sync.duplicates, directory=self._scratch()) as ledger,
-                self._prepared_batches(source, since, cursor) as batches,
+                self._prepared_batches(source, since, cursor, seen) as batches,
             ):
                 # A parallel run's worker is reading already: logging the run and
                 # connecting to the target (importing SQLAlchemy, loading its driver,
                 # reading its catalogue) overlap the first batch. Nothing is written,
                 # here or there, before the target is ready.
                 logged = self._log_start(store, state.watermark)
-                target = self.job.make_target()
-                self.notes += target.prepare(self.schema, create=not self.dry_run)
-                commits = self.commits = self._commits(source, target)
+
+                def ready() -> Target:
+                    """The target, connected and prepared when first needed: a run with
+                    nothing to write (after its first) never connects to it."""
+                    nonlocal target
+                    if target is None:
+                        target = self.job.make_target()
+                        self.notes += target.prepare(self.schema, create=not self.dry_run)
+                        self.commits = self._commits(source, target)
+                    return target
+
+                if state.watermark is None:
+                    ready()  # a first run makes the table, even with no rows for it
                 pending: Checkpoint | None = None  # written, not committed yet
 
                 def settle() -> None:
                     """Commit what is written, then checkpoint it."""
                     nonlocal pending, last_checkpoint
-                    commits.commit()
+                    self.commits.commit()
                     if pending is not None:
                         last_checkpoint, pending = pending, None
                         self._checkpoint(store, last_checkpoint)
@@ -750,14 +845,14 @@ class _Run:
                         settle()
                         completed = True
                         break
-                    self._apply(batch, target, ledger, rejects)
+                    self._apply(batch, ready if batch.candidates else None, ledger, rejects)
                     rejects.flush()
                     if batch.checkpoint is not None:
                         pending = batch.checkpoint
                     stopping = self.stop.is_set() or (
                         self.limit is not None and self.counts["read"] >= self.limit
                     )
-                    if commits.due(force=stopping):
+                    if self.commits.due(force=stopping):
                         settle()
                     if self.progress is not None:
                         self.progress(self.counts)
@@ -799,6 +894,8 @@ class _Run:
                 cursor = last_checkpoint.cursor if last_checkpoint is not None else None
                 self._checkpoint(store, Checkpoint(self.max_seen, cursor))
             watermark = store.get(self.config.name).watermark
+            if watermark is not None:
+                store.remember(self.config.name, self.seen.since(watermark - self.lookback))
         elif not self.dry_run and last_checkpoint is not None:
             watermark = store.get(self.config.name).watermark
         if self.written_back and self.config.writeback is not None:
@@ -844,7 +941,11 @@ class _Run:
         return True
 
     def _prepared_batches(
-        self, source: Source, since: datetime | None, cursor: Mapping[str, Any] | None
+        self,
+        source: Source,
+        since: datetime | None,
+        cursor: Mapping[str, Any] | None,
+        seen: Mapping[datetime, frozenset[Written]],
     ) -> _Stream:
         """The source's batches through the first stages: in a worker process when the run
         can be parallel (see ``_Worker``), else here, one batch at a time."""
@@ -853,7 +954,7 @@ class _Run:
             return source.read(since=since, cursor=cursor, batch_size=self.config.sync.batch_size)
 
         def prepare(batch: SourceBatch) -> _Prepared:
-            return self._prepare(batch, since)
+            return self._prepare(batch, since, seen)
 
         def prepared() -> Iterator[_Prepared]:
             for batch in read():
@@ -947,10 +1048,16 @@ class _Run:
 
     # --- one batch --------------------------------------------------------------------
 
-    def _prepare(self, batch: SourceBatch, since: datetime | None) -> _Prepared:
+    def _prepare(
+        self,
+        batch: SourceBatch,
+        since: datetime | None,
+        seen: Mapping[datetime, frozenset[Written]] | None = None,
+    ) -> _Prepared:
         """The stages that need nothing but the job and the batch: parse errors, the
         inbound mapping, the lower bound, validation, the environment, the outbound mapping
-        and the keys. Pure, so a parallel run does it in its worker process."""
+        and the keys; a record whose key and time the last complete run wrote (``seen``)
+        is skipped. Pure, so a parallel run does it in its worker process."""
         prepared = _Prepared(
             read=len(batch.records) + batch.skipped,
             skipped=batch.skipped,
@@ -1038,11 +1145,11 @@ class _Run:
                 if fused is not None:
                     value = fused[key_at]
                     if _clean_text(value):
-                        candidates.append(
-                            Candidate(
-                                (value,), customer.get("updated_at"), 0, source_id, data, fused
-                            )
-                        )
+                        ts = customer.get("updated_at")
+                        if seen and _held(seen, ts, (value,), fused):
+                            prepared.skipped += 1
+                            continue
+                        candidates.append(Candidate((value,), ts, 0, source_id, data, fused))
                         continue
             try:
                 row = apply_one(customer)
@@ -1079,9 +1186,11 @@ class _Run:
                 except RecordError as refused:
                     reject(at, 1, source_id, refused.errors, data, "map")
                     continue
-            candidates.append(
-                Candidate(key, customer.get("updated_at"), 0, source_id, data, written)
-            )
+            ts = customer.get("updated_at")
+            if seen and _held(seen, ts, key, written):
+                prepared.skipped += 1
+                continue
+            candidates.append(Candidate(key, ts, 0, source_id, data, written))
         rejects.sort(key=_position)
         prepared.rejects = [entry[2] for entry in rejects]
         return prepared
@@ -1089,12 +1198,13 @@ class _Run:
     def _apply(
         self,
         prepared: _Prepared,
-        target: Target,
+        target: Callable[[], Target] | None,
         ledger: Ledger,
         rejects: RejectsWriter,
     ) -> None:
         """The writer's side of a batch: counts, rejects, duplicates across the run, the
-        write, in the order the batches were read."""
+        write, in the order the batches were read. ``target`` gives the target (None: the
+        batch has nothing to write)."""
         counts = self.counts
         counts["read"] += prepared.read
         counts["skipped"] += prepared.skipped
@@ -1144,21 +1254,27 @@ class _Run:
                 duplicate_of=winner.source_id,
                 count=reject_count,
             )
-        self._write(resolution, target, ledger, rejects, reject)
+        if target is None:
+            return
+        handled = self._write(resolution, target, ledger, rejects, reject)
+        self.seen.add(handled)
+        self.seen.add(loser for loser, _ in resolution.losers)
 
     def _write(
         self,
         resolution: Resolution,
-        target: Target,
+        ready: Callable[[], Target],
         ledger: Ledger,
         rejects: RejectsWriter,
         reject: Callable[..., None],
-    ) -> None:
+    ) -> list[Candidate]:
+        """Write the batch's winners; the candidates the target now holds."""
         winners = resolution.winners
         # Encoded when the target has a row codec (``_row_codec``): its write takes them.
         rows = cast(Sequence[Row], [c.row for c in winners] + [c.row for c in resolution.rewrites])
         if not rows:
-            return
+            return []
+        target = ready()
         if self.dry_run:
             if isinstance(target, Previewable):
                 results: Sequence[RowResult] = target.preview(rows)
@@ -1230,6 +1346,7 @@ class _Run:
         ledger.commit(committed)
         if self.writeback is not None:
             self._write_back(committed, by_key)
+        return committed
 
     def _write_back(self, committed: Sequence[Candidate], by_key: Mapping[Any, RowResult]) -> None:
         """Send the ids the target assigned back into Commerce Layer, before this batch's

@@ -1,10 +1,10 @@
 """Per-job state: the watermark, the source's opaque cursor, the run log and the job's lock.
 
-Two small tables on any SQLAlchemy URL (an SQLite file beside the job file by default),
-and a lock per job that dies with its process, so ``kill -9`` never leaves a stale one.
-A store in a plain SQLite file is opened, locked and read with ``sqlite3`` alone:
-SQLAlchemy (``custsync._statedb``) is imported when the store first writes, so a run's
-worker process starts reading before that import, and alongside it.
+A few small tables on any SQLAlchemy URL (an SQLite file beside the job file by
+default), and a lock per job that dies with its process, so ``kill -9`` never leaves a
+stale one. A store in a plain SQLite file is served by ``sqlite3`` alone; any other URL by
+SQLAlchemy (``custsync._statedb``), imported only then: a run with nothing to write into
+the default store never imports SQLAlchemy (a fifth of a second).
 """
 
 from __future__ import annotations
@@ -17,20 +17,16 @@ import re
 import sqlite3
 import sys
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 from urllib.parse import quote, unquote
 
 from custsync.errors import ConfigError, LockedError, StateError
-
-if TYPE_CHECKING:
-    import sqlalchemy as sa
-    from sqlalchemy.engine import Engine
 
 if sys.platform == "win32":
     import msvcrt
@@ -75,6 +71,10 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+Written = tuple[tuple[str, ...], str]
+"""A row a run wrote: its key, and a fingerprint of its values."""
+
+
 @dataclass(frozen=True)
 class JobState:
     """What the store remembers of one job between runs."""
@@ -85,6 +85,10 @@ class JobState:
     cursor: dict[str, Any] | None
     """The source's own resume point (opaque JSON), or None."""
     updated_at: datetime | None
+    seen: Mapping[datetime, frozenset[Written]] = field(default_factory=dict)
+    """Rows the job's last complete run wrote (or found written), by the update time of
+    their records, from (watermark - lookback) on: a run reading from there again need
+    not compare those records with the target (see ``StateStore.remember``)."""
 
 
 @dataclass(frozen=True)
@@ -111,6 +115,12 @@ def _as_utc(value: datetime) -> datetime:
     return value.astimezone(UTC)
 
 
+def stamp_text(value: datetime) -> str:
+    """A timestamp as the store keeps it in SQLite: fixed-width ISO-8601 UTC with ``Z``,
+    so that text order is time order."""
+    return _as_utc(value).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
+
+
 def read_time(value: Any) -> datetime | None:
     """A stored timestamp (SQLite's text, or a driver's datetime) as aware UTC."""
     if value is None:
@@ -120,6 +130,25 @@ def read_time(value: Any) -> datetime | None:
     if not isinstance(value, datetime):
         raise TypeError(f"expected a timestamp from the state store, got {type(value)}")
     return _as_utc(value)
+
+
+def seen_json(seen: Mapping[datetime, Collection[Written]]) -> str:
+    return json.dumps(
+        {stamp_text(at): sorted(rows) for at, rows in sorted(seen.items()) if rows},
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+
+
+def read_seen(text: str | None) -> dict[datetime, frozenset[Written]]:
+    if not text:
+        return {}
+    seen: dict[datetime, frozenset[Written]] = {}
+    for at, rows in json.loads(text).items():
+        stamp = read_time(at)
+        if stamp is not None:
+            seen[stamp] = frozenset((tuple(key), digest) for key, digest in rows)
+    return seen
 
 
 # The tables as SQLAlchemy creates them on SQLite (``_statedb``; a test holds the two
@@ -134,6 +163,11 @@ _SQLITE_TABLES = (
     "dry_run BOOLEAN NOT NULL, counts_json TEXT NOT NULL, watermark_before VARCHAR(27), "
     "watermark_after VARCHAR(27), error TEXT, PRIMARY KEY (seq), UNIQUE (run_id))",
     "CREATE INDEX IF NOT EXISTS ix_custsync_runs_job_started ON custsync_runs (job, started_at)",
+    "CREATE TABLE IF NOT EXISTS custsync_seen (job VARCHAR(255) NOT NULL, "
+    "seen_json TEXT NOT NULL, PRIMARY KEY (job))",
+)
+_SQLITE_NAMES = (
+    "('custsync_state', 'custsync_runs', 'ix_custsync_runs_job_started', 'custsync_seen')"
 )
 _PLAIN_SQLITE_URL = re.compile(r"sqlite(?:\+pysqlite)?:///([^?#]*)")
 
@@ -150,12 +184,218 @@ def plain_sqlite_file(url: str) -> Path | None:
     return Path(database).expanduser().absolute()
 
 
+class Backend(Protocol):
+    """What a store's database does; ``StateStore`` checks the arguments and holds locks.
+    Two of them: ``_SqliteFile`` here and ``custsync._statedb.SqlAlchemyState``."""
+
+    def get(self, job: str) -> JobState: ...
+
+    def jobs(self) -> list[JobState]: ...
+
+    def checkpoint(
+        self, job: str, watermark: datetime | None, cursor_json: str | None, now: datetime
+    ) -> None: ...
+
+    def set_watermark(self, job: str, watermark: datetime | None, now: datetime) -> None: ...
+
+    def reset(self, job: str) -> None: ...
+
+    def remember(self, job: str, seen_json: str) -> None: ...
+
+    def start_run(self, row: Mapping[str, Any]) -> None: ...
+
+    def finish_run(self, run_id: str, values: Mapping[str, Any]) -> int: ...
+
+    def close_abandoned_runs(self, job: str, values: Mapping[str, Any]) -> int: ...
+
+    def runs(self, job: str, limit: int) -> list[RunRecord]: ...
+
+    def close(self) -> None: ...
+
+
+class _SqliteFile:
+    """A store in a plain SQLite file, through ``sqlite3``: the same tables and values
+    as SQLAlchemy's (timestamps as ``stamp_text``), each call on a connection of its own,
+    each write one short transaction."""
+
+    def __init__(self, path: Path, display: str) -> None:
+        self.path = path
+        self.display = display
+        with self._connection("create its tables") as conn:
+            # Looked for first: a store that has its tables takes no write lock to open
+            # (another run may hold it; a read-only store can be read).
+            found = conn.execute(
+                f"SELECT count(*) FROM sqlite_master WHERE name IN {_SQLITE_NAMES}"
+            ).fetchone()
+            if found != (len(_SQLITE_TABLES),):
+                conn.execute("PRAGMA journal_mode=WAL")  # readers beside a writing run
+                with _transaction(conn):
+                    for statement in _SQLITE_TABLES:
+                        conn.execute(statement)
+
+    @contextmanager
+    def _connection(self, action: str) -> Iterator[sqlite3.Connection]:
+        try:
+            conn = sqlite3.connect(self.path, timeout=_SQLITE_BUSY_TIMEOUT_S, isolation_level=None)
+            try:
+                conn.execute("PRAGMA synchronous=FULL")  # a checkpoint survives a power cut
+                yield conn
+            finally:
+                conn.close()
+        except sqlite3.Error as exc:
+            raise StateError(f"state store {self.display}: could not {action}: {exc}") from exc
+
+    def get(self, job: str) -> JobState:
+        with self._connection(f"read the state of job {job!r}") as conn:
+            row = conn.execute(_SELECT_STATE + " WHERE s.job = ?", (job,)).fetchone()
+        return JobState(job, None, None, None) if row is None else _state_of(row)
+
+    def jobs(self) -> list[JobState]:
+        with self._connection("list the jobs") as conn:
+            states = {row[0]: _state_of(row) for row in conn.execute(_SELECT_STATE)}
+            logged = [job for (job,) in conn.execute("SELECT DISTINCT job FROM custsync_runs")]
+        for job in logged:
+            states.setdefault(job, JobState(job, None, None, None))
+        return [states[job] for job in sorted(states)]
+
+    def checkpoint(
+        self, job: str, watermark: datetime | None, cursor_json: str | None, now: datetime
+    ) -> None:
+        new = None if watermark is None else stamp_text(watermark)
+        with self._connection(f"checkpoint of job {job!r}") as conn, _transaction(conn):
+            # One statement compares and sets (the text is fixed-width UTC: its order is
+            # time order), so no read can go stale in between.
+            conn.execute(
+                "INSERT INTO custsync_state (job, watermark, cursor_json, updated_at) "
+                "VALUES (?, ?, ?, ?) ON CONFLICT (job) DO UPDATE SET "
+                "watermark = CASE WHEN excluded.watermark IS NOT NULL AND (watermark IS NULL "
+                "OR watermark < excluded.watermark) THEN excluded.watermark ELSE watermark END, "
+                "cursor_json = excluded.cursor_json, updated_at = excluded.updated_at",
+                (job, new, cursor_json, stamp_text(now)),
+            )
+
+    def set_watermark(self, job: str, watermark: datetime | None, now: datetime) -> None:
+        new = None if watermark is None else stamp_text(watermark)
+        with self._connection(f"set the watermark of job {job!r}") as conn, _transaction(conn):
+            conn.execute(
+                "INSERT INTO custsync_state (job, watermark, cursor_json, updated_at) "
+                "VALUES (?, ?, NULL, ?) ON CONFLICT (job) DO UPDATE SET "
+                "watermark = excluded.watermark, cursor_json = NULL, "
+                "updated_at = excluded.updated_at",
+                (job, new, stamp_text(now)),
+            )
+
+    def reset(self, job: str) -> None:
+        with self._connection(f"reset job {job!r}") as conn, _transaction(conn):
+            conn.execute("DELETE FROM custsync_state WHERE job = ?", (job,))
+            conn.execute("DELETE FROM custsync_seen WHERE job = ?", (job,))
+
+    def remember(self, job: str, seen_json: str) -> None:
+        with self._connection(f"remember the records of job {job!r}") as conn, _transaction(conn):
+            conn.execute(
+                "INSERT INTO custsync_seen (job, seen_json) VALUES (?, ?) "
+                "ON CONFLICT (job) DO UPDATE SET seen_json = excluded.seen_json",
+                (job, seen_json),
+            )
+
+    def start_run(self, row: Mapping[str, Any]) -> None:
+        values = {k: _stored(v) for k, v in row.items()}
+        columns = ", ".join(values)
+        marks = ", ".join("?" for _ in values)
+        with self._connection(f"start run {row['run_id']!r}") as conn, _transaction(conn):
+            conn.execute(
+                f"INSERT INTO custsync_runs ({columns}) VALUES ({marks})", tuple(values.values())
+            )
+
+    def finish_run(self, run_id: str, values: Mapping[str, Any]) -> int:
+        sets = ", ".join(f"{column} = ?" for column in values)
+        params = (*(_stored(v) for v in values.values()), run_id)
+        with self._connection(f"finish run {run_id!r}") as conn, _transaction(conn):
+            return conn.execute(
+                f"UPDATE custsync_runs SET {sets} WHERE run_id = ?", params
+            ).rowcount
+
+    def close_abandoned_runs(self, job: str, values: Mapping[str, Any]) -> int:
+        sets = ", ".join(f"{column} = ?" for column in values)
+        params = (*(_stored(v) for v in values.values()), job)
+        with self._connection(f"close abandoned runs of job {job!r}") as conn, _transaction(conn):
+            return conn.execute(
+                f"UPDATE custsync_runs SET {sets} "
+                "WHERE job = ? AND status = 'running' AND dry_run = 0",
+                params,
+            ).rowcount
+
+    def runs(self, job: str, limit: int) -> list[RunRecord]:
+        with self._connection(f"read the runs of job {job!r}") as conn:
+            rows = conn.execute(
+                "SELECT run_id, job, started_at, ended_at, status, dry_run, counts_json, "
+                "watermark_before, watermark_after, error FROM custsync_runs WHERE job = ? "
+                "ORDER BY started_at DESC, seq DESC LIMIT ?",
+                (job, limit),
+            ).fetchall()
+        return [_run_of(row) for row in rows]
+
+    def close(self) -> None:
+        pass  # nothing is held between calls
+
+
+_SELECT_STATE = (
+    "SELECT s.job, s.watermark, s.cursor_json, s.updated_at, n.seen_json "
+    "FROM custsync_state s LEFT JOIN custsync_seen n ON n.job = s.job"
+)
+
+
+def _state_of(row: tuple[Any, ...]) -> JobState:
+    job, watermark, cursor_json, updated_at, seen = row
+    cursor = None if cursor_json is None else json.loads(cursor_json)
+    return JobState(job, read_time(watermark), cursor, read_time(updated_at), read_seen(seen))
+
+
+def _run_of(row: tuple[Any, ...]) -> RunRecord:
+    run_id, job, started_at, ended_at, status, dry_run, counts_json, before, after, error = row
+    started = read_time(started_at)
+    if started is None:
+        raise StateError(f"run {run_id!r} has no start time")
+    return RunRecord(
+        run_id=run_id,
+        job=job,
+        started_at=started,
+        ended_at=read_time(ended_at),
+        status=status,
+        dry_run=bool(dry_run),
+        counts=json.loads(counts_json),
+        watermark_before=read_time(before),
+        watermark_after=read_time(after),
+        error=error,
+    )
+
+
+def _stored(value: Any) -> Any:
+    """A value as SQLAlchemy's types would have bound it on SQLite."""
+    if isinstance(value, datetime):
+        return stamp_text(value)
+    if isinstance(value, bool):
+        return int(value)
+    return value
+
+
+@contextmanager
+def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
 class StateStore:
     """The watermark, cursor, run log and lock of every job, in one SQL database.
 
     Every public write runs in its own short transaction and is committed before the
-    method returns. The tables (``custsync_state``, ``custsync_runs``) are created when
-    absent; nothing is ever dropped.
+    method returns. The tables (``custsync_state``, ``custsync_runs``, ``custsync_seen``)
+    are created when absent; nothing is ever dropped.
 
     Locks never wait: a held lock raises :class:`LockedError` at once. Each dies with its
     process:
@@ -180,31 +420,18 @@ class StateStore:
         clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self._clock = clock
-        self._password: str | None = None
-        self._engine_: Engine | None = None
-        # an absolute path, so a later chdir cannot point the store elsewhere
-        self._file = sqlite_file = plain_sqlite_file(url)
+        sqlite_file = plain_sqlite_file(url)
         if sqlite_file is not None:
             self._backend = "sqlite"
             self._display = "sqlite:///" + quote(str(sqlite_file), safe=" +/")
+            _make_folder(sqlite_file, self._display)
+            self._db: Backend = _SqliteFile(sqlite_file, self._display)
         else:
-            from custsync import _statedb as db
+            from custsync._statedb import SqlAlchemyState
 
-            parsed = db.parse_url(url)
-            self._password = parsed.password
-            self._display = parsed.render_as_string(hide_password=True)
-            self._backend = parsed.get_backend_name()
-            sqlite_file = db.sqlite_file(parsed) if self._backend == "sqlite" else None
-            if sqlite_file is not None:
-                parsed = parsed.set(database=str(sqlite_file))
-                self._display = parsed.render_as_string(hide_password=True)
-        if sqlite_file is not None:
-            try:
-                sqlite_file.parent.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise StateError(
-                    f"state store {self._display}: cannot create its folder: {exc.strerror}"
-                ) from exc
+            state = SqlAlchemyState(url)
+            self._db, self._backend, self._display = state, state.backend, state.display
+            sqlite_file = state.sqlite_file
         if lock_dir is not None:
             self._lock_dir = lock_dir.absolute()
         elif sqlite_file is not None:
@@ -212,16 +439,6 @@ class StateStore:
         else:
             url_hash = hashlib.blake2b(self._display.encode(), digest_size=8).hexdigest()
             self._lock_dir = Path(tempfile.gettempdir()) / "custsync-locks" / url_hash
-        if self._file is not None:
-            self._create_sqlite_tables()
-            return
-        engine = self._engine_ = db.create_engine(parsed, self._display)
-        self._backend = engine.dialect.name
-        try:
-            self._create_tables()
-        except BaseException:
-            engine.dispose()
-            raise
 
     @classmethod
     def for_job_file(cls, job_file: Path) -> StateStore:
@@ -236,30 +453,11 @@ class StateStore:
 
     def get(self, job: str) -> JobState:
         """The job's state; a job never seen has no watermark, cursor or update time."""
-        if self._file is not None:
-            return self._sqlite_get(job)
-        import sqlalchemy as sa
-
-        from custsync._statedb import job_state, state_table
-
-        with self._failures(f"read the state of job {job!r}"), self._engine.connect() as conn:
-            row = conn.execute(sa.select(state_table).where(state_table.c.job == job)).first()
-        if row is None:
-            return JobState(job, None, None, None)
-        return job_state(row)
+        return self._db.get(job)
 
     def jobs(self) -> list[JobState]:
         """Every job the store knows (from its state or its run log), by name."""
-        import sqlalchemy as sa
-
-        from custsync._statedb import job_state, runs_table, state_table
-
-        with self._failures("list the jobs"), self._engine.connect() as conn:
-            states = {row.job: job_state(row) for row in conn.execute(sa.select(state_table))}
-            logged = conn.execute(sa.select(runs_table.c.job).distinct()).scalars().all()
-        for job in logged:
-            states.setdefault(job, JobState(job, None, None, None))
-        return [states[job] for job in sorted(states)]
+        return self._db.jobs()
 
     def checkpoint(
         self,
@@ -274,35 +472,29 @@ class StateStore:
         and the new one, and a new ``None`` keeps the old one. The cursor is replaced as
         given (``None`` clears it).
         """
-        import sqlalchemy as sa
-
-        from custsync._statedb import UtcDateTime, state_table
-
         _check_job(job)
         cursor_json = self._dump(cursor, "cursor")
-        updates: dict[str, Any] = {"cursor_json": cursor_json, "updated_at": self._now()}
-        if watermark is not None:
-            new = sa.literal(_as_utc(watermark), UtcDateTime())
-            old = state_table.c.watermark
-            # One statement compares and sets, so no read can go stale in between.
-            updates["watermark"] = sa.case((sa.or_(old.is_(None), old < new), new), else_=old)
-        inserts = {**updates, "watermark": watermark}
-        self._upsert(job, updates, inserts, "checkpoint")
+        self._db.checkpoint(job, watermark, cursor_json, self._now())
 
     def set_watermark(self, job: str, watermark: datetime | None) -> None:
         """Put the watermark anywhere, backwards included (``state set``); clears the cursor."""
         _check_job(job)
-        values = {"watermark": watermark, "cursor_json": None, "updated_at": self._now()}
-        self._upsert(job, values, values, "set the watermark")
+        self._db.set_watermark(job, watermark, self._now())
 
     def reset(self, job: str) -> None:
-        """Forget the job's watermark and cursor; its run log stays."""
-        import sqlalchemy as sa
+        """Forget the job's watermark, cursor and remembered records; its run log stays."""
+        self._db.reset(job)
 
-        from custsync._statedb import state_table
+    def remember(self, job: str, seen: Mapping[datetime, Collection[Written]]) -> None:
+        """Keep rows a complete run wrote (or found written), by the update time of their
+        records (``JobState.seen``), in place of those kept before.
 
-        with self._failures(f"reset job {job!r}"), self._engine.begin() as conn:
-            conn.execute(sa.delete(state_table).where(state_table.c.job == job))
+        Each one says that the target holds that row as of that time or later, which no
+        run of the job makes untrue: a run reading from its watermark again may skip a
+        record that would write the same row with the same time instead of comparing it
+        with the target."""
+        _check_job(job)
+        self._db.remember(job, seen_json(seen))
 
     # -- run log ------------------------------------------------------------------------
 
@@ -318,21 +510,17 @@ class StateStore:
         _check_job(job)
         if not run_id or len(run_id) > _MAX_RUN_ID:
             raise ValueError(f"a run id has 1 to {_MAX_RUN_ID} characters, got {len(run_id)}")
-        row = {
-            "run_id": run_id,
-            "job": job,
-            "started_at": self._now(),
-            "status": "running",
-            "dry_run": dry_run,
-            "counts_json": "{}",
-            "watermark_before": watermark_before,
-        }
-        import sqlalchemy as sa
-
-        from custsync._statedb import runs_table
-
-        with self._failures(f"start run {run_id!r} of job {job!r}"), self._engine.begin() as conn:
-            conn.execute(sa.insert(runs_table).values(row))
+        self._db.start_run(
+            {
+                "run_id": run_id,
+                "job": job,
+                "started_at": self._now(),
+                "status": "running",
+                "dry_run": dry_run,
+                "counts_json": "{}",
+                "watermark_before": watermark_before,
+            }
+        )
 
     def finish_run(
         self,
@@ -353,16 +541,7 @@ class StateStore:
             "watermark_after": watermark_after,
             "error": error,
         }
-        import sqlalchemy as sa
-
-        from custsync._statedb import runs_table
-
-        with self._failures(f"finish run {run_id!r}"), self._engine.begin() as conn:
-            result = conn.execute(
-                sa.update(runs_table).where(runs_table.c.run_id == run_id).values(values)
-            )
-            found = result.rowcount
-        if found == 0:
+        if self._db.finish_run(run_id, values) == 0:
             raise StateError(f"state store {self._display}: no run {run_id!r} was started")
 
     def close_abandoned_runs(self, job: str) -> int:
@@ -374,48 +553,11 @@ class StateStore:
             "status": "failed",
             "error": "the run ended without finishing (the process was killed or crashed)",
         }
-        import sqlalchemy as sa
-
-        from custsync._statedb import runs_table
-
-        runs = runs_table.c
-        with self._failures(f"close abandoned runs of job {job!r}"), self._engine.begin() as conn:
-            result = conn.execute(
-                sa.update(runs_table)
-                .where(runs.job == job, runs.status == "running", runs.dry_run.is_(False))
-                .values(values)
-            )
-            return int(result.rowcount or 0)
+        return self._db.close_abandoned_runs(job, values)
 
     def runs(self, job: str, *, limit: int = 10) -> list[RunRecord]:
         """The job's latest runs, newest first."""
-        import sqlalchemy as sa
-
-        from custsync._statedb import runs_table
-
-        query = (
-            sa.select(runs_table)
-            .where(runs_table.c.job == job)
-            .order_by(runs_table.c.started_at.desc(), runs_table.c.seq.desc())
-            .limit(max(limit, 0))
-        )
-        with self._failures(f"read the runs of job {job!r}"), self._engine.connect() as conn:
-            rows = conn.execute(query).all()
-        return [
-            RunRecord(
-                run_id=row.run_id,
-                job=row.job,
-                started_at=row.started_at,
-                ended_at=row.ended_at,
-                status=row.status,
-                dry_run=bool(row.dry_run),
-                counts=json.loads(row.counts_json),
-                watermark_before=row.watermark_before,
-                watermark_after=row.watermark_after,
-                error=row.error,
-            )
-            for row in rows
-        ]
+        return self._db.runs(job, max(limit, 0))
 
     # -- lock ---------------------------------------------------------------------------
 
@@ -427,67 +569,22 @@ class StateStore:
         operating system or the database server when the process dies.
         """
         _check_job(job)
-        backend = self._backend
         held: AbstractContextManager[None]
-        if backend == "postgresql":
-            import sqlalchemy as sa
+        if self._backend in ("postgresql", "mysql", "mariadb"):
+            from custsync._statedb import SqlAlchemyState
 
-            key = _pg_lock_key(job)
-            held = self._server_lock(
-                job,
-                sa.text("SELECT pg_try_advisory_lock(CAST(:key AS BIGINT))"),
-                sa.text("SELECT pg_advisory_unlock(CAST(:key AS BIGINT))"),
-                {"key": key},
-            )
-        elif backend in ("mysql", "mariadb"):
-            import sqlalchemy as sa
-
-            name = _mysql_lock_name(self._engine.url.database or "", job)
-            held = self._server_lock(
-                job,
-                sa.text("SELECT GET_LOCK(:name, 0)"),
-                sa.text("SELECT RELEASE_LOCK(:name)"),
-                {"name": name},
-            )
+            assert isinstance(self._db, SqlAlchemyState)
+            held = self._db.server_lock(job)
         else:
             held = _file_lock(self._lock_dir / _lock_file_name(job), job)
         with held:
             yield
 
-    @contextmanager
-    def _server_lock(
-        self,
-        job: str,
-        acquire: sa.TextClause,
-        release: sa.TextClause,
-        params: dict[str, Any],
-    ) -> Iterator[None]:
-        # A session-level lock on a connection of its own, in autocommit so the session
-        # never sits idle in a transaction while the run goes on.
-        with self._failures(f"lock job {job!r}"):
-            conn = self._engine.connect().execution_options(isolation_level="AUTOCOMMIT")
-            try:
-                got = conn.execute(acquire, params).scalar()
-            except BaseException:
-                conn.invalidate()
-                conn.close()
-                raise
-        if got != 1:
-            conn.close()
-            raise LockedError(job)
-        try:
-            yield
-        finally:
-            from custsync._statedb import release_server_lock
-
-            release_server_lock(conn, release, params, job)
-
     # -- life cycle ---------------------------------------------------------------------
 
     def close(self) -> None:
         """Close the store's connections."""
-        if self._engine_ is not None:
-            self._engine_.dispose()
+        self._db.close()
 
     def __enter__(self) -> StateStore:
         return self
@@ -502,66 +599,6 @@ class StateStore:
 
     # -- helpers ------------------------------------------------------------------------
 
-    @property
-    def _engine(self) -> Engine:
-        """SQLAlchemy's engine, made when first needed (at once for any store but a plain
-        SQLite file, whose tables ``_create_sqlite_tables`` made)."""
-        if self._engine_ is None:
-            from sqlalchemy.engine import URL
-
-            from custsync._statedb import create_engine
-
-            url = URL.create("sqlite", database=str(self._file))
-            self._engine_ = create_engine(url, self._display)
-        return self._engine_
-
-    def _sqlite(self) -> sqlite3.Connection:
-        assert self._file is not None
-        return sqlite3.connect(self._file, timeout=_SQLITE_BUSY_TIMEOUT_S, isolation_level=None)
-
-    def _create_sqlite_tables(self) -> None:
-        try:
-            conn = self._sqlite()
-            try:
-                # Looked for first: a store that has its tables takes no write lock to
-                # open (another run may hold it; a read-only store can be read).
-                found = conn.execute(
-                    "SELECT count(*) FROM sqlite_master WHERE name IN "
-                    "('custsync_state', 'custsync_runs', 'ix_custsync_runs_job_started')"
-                ).fetchone()
-                if found != (len(_SQLITE_TABLES),):
-                    conn.execute("PRAGMA journal_mode=WAL")  # as the engine's connections do
-                    conn.execute("BEGIN IMMEDIATE")
-                    for statement in _SQLITE_TABLES:
-                        conn.execute(statement)
-                    conn.execute("COMMIT")
-            finally:
-                conn.close()
-        except sqlite3.Error as exc:
-            raise StateError(
-                f"state store {self._display}: could not create its tables: {exc}"
-            ) from exc
-
-    def _sqlite_get(self, job: str) -> JobState:
-        try:
-            conn = self._sqlite()
-            try:
-                row = conn.execute(
-                    "SELECT watermark, cursor_json, updated_at FROM custsync_state WHERE job = ?",
-                    (job,),
-                ).fetchone()
-            finally:
-                conn.close()
-        except sqlite3.Error as exc:
-            raise StateError(
-                f"state store {self._display}: could not read the state of job {job!r}: {exc}"
-            ) from exc
-        if row is None:
-            return JobState(job, None, None, None)
-        watermark, cursor_json, updated_at = row
-        cursor = None if cursor_json is None else json.loads(cursor_json)
-        return JobState(job, read_time(watermark), cursor, read_time(updated_at))
-
     def _now(self) -> datetime:
         return _as_utc(self._clock())
 
@@ -573,66 +610,14 @@ class StateStore:
         except (TypeError, ValueError) as exc:
             raise StateError(f"the {what} cannot be stored: it is not plain JSON ({exc})") from exc
 
-    def _upsert(
-        self,
-        job: str,
-        updates: Mapping[str, Any],
-        inserts: Mapping[str, Any],
-        action: str,
-    ) -> None:
-        # Update, else insert: portable across dialects. Two writers inserting the same
-        # new job at once make one of them fail on the primary key; its retry updates.
-        import sqlalchemy as sa
-        from sqlalchemy.exc import IntegrityError
 
-        from custsync._statedb import state_table
-
-        with self._failures(f"{action} of job {job!r}"):
-            for attempt in (1, 2):
-                try:
-                    with self._engine.begin() as conn:
-                        stmt = (
-                            sa.update(state_table)
-                            .where(state_table.c.job == job)
-                            .values(dict(updates))
-                        )
-                        if conn.execute(stmt).rowcount == 0:
-                            conn.execute(sa.insert(state_table).values(job=job, **inserts))
-                    return
-                except IntegrityError:
-                    if attempt == 2:
-                        raise
-
-    def _create_tables(self) -> None:
-        from sqlalchemy.exc import SQLAlchemyError
-
-        from custsync._statedb import metadata, runs_table, state_table
-
-        if self._backend in ("mysql", "mariadb"):
-            # utf8mb4_bin on MySQL/MariaDB: job names are case-sensitive identifiers, and
-            # the default *_ci collations would make "ERP" and "erp" the same primary key.
-            # Set here, not in the definitions: naming a dialect's options loads it, and a
-            # run on SQLite should not pay for importing MySQL's dialect.
-            for table in (state_table, runs_table):
-                table.dialect_kwargs.update(mysql_charset="utf8mb4", mysql_collate="utf8mb4_bin")
-        with self._failures("create its tables"):
-            try:
-                metadata.create_all(self._engine)
-            except SQLAlchemyError:
-                # Another process may have created them between the check and the CREATE.
-                metadata.create_all(self._engine)
-
-    @contextmanager
-    def _failures(self, action: str) -> Iterator[None]:
-        from sqlalchemy.exc import SQLAlchemyError
-
-        from custsync._statedb import reason as _reason
-
-        try:
-            yield
-        except SQLAlchemyError as exc:
-            reason = _reason(exc, self._password)
-            raise StateError(f"state store {self._display}: could not {action}: {reason}") from exc
+def _make_folder(sqlite_file: Path, display: str) -> None:
+    try:
+        sqlite_file.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StateError(
+            f"state store {display}: cannot create its folder: {exc.strerror}"
+        ) from exc
 
 
 def _check_job(job: str) -> None:

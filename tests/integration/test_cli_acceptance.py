@@ -124,8 +124,10 @@ def test_new_records_at_exactly_the_watermark_instant_are_written_by_the_next_ru
     summary = sync_ok(job)
 
     assert summary["inserted"] == 2
-    assert summary["skipped"] == 1  # A, below the watermark
-    assert summary["unchanged"] == 2  # B and C, at the watermark, read again
+    # A is below the watermark; B and C, at it, are read again and skipped: the first run
+    # wrote them, as they are (D and E, new at that instant, are written)
+    assert summary["skipped"] == 3
+    assert summary["unchanged"] == 0
     assert sorted(db.by_key()) == ["CUST-A", "CUST-B", "CUST-C", "CUST-D", "CUST-E"]
     assert parse_ts(summary["watermark"]) == at(2)
 
@@ -595,8 +597,8 @@ def test_second_run_with_nothing_new_writes_nothing(db: Db, job_dir: Path) -> No
     second = sync_ok(job)
 
     assert (second["inserted"], second["updated"]) == (0, 0)
-    assert second["skipped"] == 3
-    assert second["unchanged"] == 1  # D sits exactly at the watermark: read again, not written
+    # D sits exactly at the watermark: read again, and skipped as the first run wrote it
+    assert (second["skipped"], second["unchanged"]) == (4, 0)
     assert db.rows() == before
     assert second["watermark"] == first["watermark"]
 
@@ -900,8 +902,8 @@ def test_relative_paths_in_the_job_file_resolve_against_its_folder(tmp_path: Pat
     assert list(elsewhere.iterdir()) == []
     again = run_cli("sync", str(job.relative_to(tmp_path)), "--json", cwd=tmp_path)
     assert again.returncode == 0, str(again)
-    assert again.summary["skipped"] == 0  # same watermark: both records sit at it
-    assert again.summary["unchanged"] == 1
+    # the first run's state is found: A, at its watermark, is skipped as it wrote it
+    assert (again.summary["skipped"], again.summary["rejected"]) == (1, 1)
 
 
 def stderr_lines(text: str) -> list[str]:

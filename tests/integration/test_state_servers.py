@@ -113,6 +113,20 @@ def test_job_names_differing_only_in_case_are_separate_jobs(store: StateStore, j
     assert store.get(job).watermark is None
 
 
+def test_remembered_records_round_trip_and_reset_forgets_them(store: StateStore, job: str) -> None:
+    at = datetime(2024, 5, 17, 8, 30, 12, 345678, tzinfo=UTC)
+    store.checkpoint(job, watermark=at, cursor=None)
+    store.remember(job, {at: [(("cus_B",), "f"), (("cus_a",), "f")]})
+    store.remember(job, {at: [(("cus_a",), "f"), (("cus_é",), "g")]})
+
+    assert store.get(job).seen == {at: frozenset({(("cus_a",), "f"), (("cus_é",), "g")})}
+
+    store.reset(job)
+    store.checkpoint(job, watermark=at, cursor=None)
+
+    assert store.get(job).seen == {}
+
+
 def test_run_log_round_trips_newest_first(store: StateStore, job: str) -> None:
     store.start_run(job, run_id=f"{job[-20:]}-1", dry_run=True, watermark_before=None)
     store.start_run(job, run_id=f"{job[-20:]}-2", dry_run=False, watermark_before=T0)

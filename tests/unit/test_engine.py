@@ -249,8 +249,8 @@ def test_the_second_run_skips_what_the_first_committed(tmp_path: Path) -> None:
 
     again = job.run()
 
-    assert again.skipped == 1  # a is older than the watermark less the lookback
-    assert again.unchanged == 1  # b sits at the watermark: re-read, never lost
+    # a is older than the watermark; b sits at it, and the first run wrote it
+    assert (again.skipped, again.unchanged) == (2, 0)
     assert sorted(target.rows) == [("a",), ("b",)]
 
 
@@ -728,3 +728,98 @@ def test_a_run_is_logged_once_with_its_counts(tmp_path: Path) -> None:
 
     [run] = job.state_store().runs("t")
     assert (run.run_id, run.status, run.counts["inserted"]) == (result.run_id, "ok", 2)
+
+
+def counting_target(target: MemoryTarget) -> list[int]:
+    """Count how often the run makes its target (the connector's factory is called)."""
+    made: list[int] = []
+
+    def make(settings: Any, base_dir: Any) -> MemoryTarget:
+        made.append(1)
+        return target
+
+    plugins.register(Connector("memory", "target", MemoryTargetSettings, make))
+    return made
+
+
+def test_a_run_with_nothing_to_write_never_makes_its_target(tmp_path: Path) -> None:
+    job, target = make_job(tmp_path, [customer("a"), customer("b", ts="2026-01-01T00:00:00.000Z")])
+    assert job.run().inserted == 2
+    made = counting_target(target)
+
+    again = job.run()
+
+    assert (again.status, again.skipped, made) == ("ok", 2, [])
+
+
+def test_a_first_run_makes_its_target_even_with_nothing_to_write(tmp_path: Path) -> None:
+    job, target = make_job(tmp_path, [])
+    made = counting_target(target)
+
+    assert job.run().status == "ok"
+    assert made == [1]
+
+
+def test_a_record_at_the_watermark_the_last_run_rejected_is_read_again(tmp_path: Path) -> None:
+    job, target = make_job(tmp_path, [customer("a"), customer("b", email="not-an-email")])
+    assert job.run().rejected == 1
+    SOURCES["default"] = MemorySource([customer("a"), customer("b")])  # b fixed, same time
+
+    again = job.run()
+
+    assert (again.skipped, again.inserted) == (1, 1)
+    assert ("b",) in target.rows
+
+
+def test_a_changed_record_at_the_watermark_under_another_time_is_written(
+    tmp_path: Path,
+) -> None:
+    job, target = make_job(tmp_path, [customer("a", tier="gold")])
+    job.run()
+    later = "2026-01-02T10:00:00.001Z"
+    SOURCES["default"] = MemorySource([customer("a", ts=later, metadata={"tier": "vip"})])
+
+    again = job.run()
+
+    assert again.updated == 1
+    assert target.rows[("a",)]["tier"] == "vip"
+
+
+def test_records_within_the_lookback_the_last_run_wrote_are_skipped(tmp_path: Path) -> None:
+    records = [
+        customer("a", ts="2026-01-02T09:59:59.000Z"),
+        customer("b", ts="2026-01-02T10:00:00.000Z"),
+        customer("c", ts="2026-01-02T09:00:00.000Z"),  # beyond the lookback
+    ]
+    job, _ = make_job(tmp_path, records, lookback="5s")
+    job.run()
+    records.append(customer("d", ts="2026-01-02T09:59:58.000Z"))  # new, inside the lookback
+    SOURCES["default"] = MemorySource(records)
+
+    again = job.run()
+
+    assert (again.skipped, again.inserted, again.unchanged) == (3, 1, 0)
+
+
+def test_at_most_a_thousand_keys_are_remembered_and_the_rest_compared(tmp_path: Path) -> None:
+    records = [customer(f"c{n:04d}") for n in range(1_005)]
+    job, _ = make_job(tmp_path, records, batch_size=100)
+    job.run()
+
+    again = job.run()
+
+    assert (again.skipped, again.unchanged) == (1_000, 5)
+    assert sum(len(keys) for keys in job.state_store().get("t").seen.values()) == 1_000
+
+
+def test_other_values_for_a_remembered_key_and_time_are_written(tmp_path: Path) -> None:
+    """The last run wrote key a at 10:00 with tier gold; a record of a at the same instant
+    with tier vip is compared with the target as before (at equal times it wins)."""
+    job, target = make_job(tmp_path, [customer("a", metadata={"tier": "gold"})])
+    job.run()
+    SOURCES["default"] = MemorySource([customer("a", metadata={"tier": "vip"})])
+
+    again = job.run()
+
+    assert (again.skipped, again.updated) == (0, 1)
+    assert target.rows[("a",)]["tier"] == "vip"
