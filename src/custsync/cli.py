@@ -433,6 +433,7 @@ def _state(args: argparse.Namespace) -> int:
                             "job": job.name,
                             "watermark": state.watermark.isoformat() if state.watermark else None,
                             "cursor": state.cursor,
+                            "remembered_rows": sum(len(rows) for rows in state.seen.values()),
                             "runs": [
                                 {
                                     "run_id": r.run_id,
@@ -451,6 +452,8 @@ def _state(args: argparse.Namespace) -> int:
             print(f"job {job.name}")
             print(f"  watermark: {state.watermark.isoformat() if state.watermark else 'none'}")
             print(f"  cursor: {json.dumps(state.cursor) if state.cursor else 'none'}")
+            remembered = sum(len(rows) for rows in state.seen.values())
+            print(f"  rows remembered at the watermark: {remembered}")
             for r in runs:
                 counts = ", ".join(f"{k} {v}" for k, v in r.counts.items() if v)
                 print(f"  run {r.run_id} {r.status} at {r.started_at:%Y-%m-%d %H:%M:%S}: {counts}")

@@ -515,11 +515,12 @@ class _Seen:
     """The rows a run wrote (or found written) at its newest update times, by time: what
     it leaves the next run (``StateStore.remember``), which reads from its watermark less
     the lookback again. Only times within ``lookback`` of the newest are kept, and at most
-    ``_SEEN_KEYS`` rows: any part of them is as good (a record not kept is compared with
-    the target again, as it would be without them)."""
+    ``limit`` rows: any part of them is as good (a record not kept is compared with the
+    target again, as it would be without them)."""
 
-    def __init__(self, lookback: timedelta) -> None:
+    def __init__(self, lookback: timedelta, limit: int = 1_000) -> None:
         self._lookback = lookback
+        self._limit = limit
         self._by_time: dict[datetime, set[Written]] = {}
         self._times: list[datetime] = []  # a heap of the times kept
         self._size = 0
@@ -548,7 +549,7 @@ class _Seen:
         floor = ts - self._lookback
         if self._floor is None or floor > self._floor:
             self._raise_floor(floor)
-        return self._size < _SEEN_KEYS
+        return self._size < self._limit
 
     def _add(self, ts: datetime, row: Written) -> None:
         rows = self._by_time.get(ts)
@@ -566,9 +567,6 @@ class _Seen:
 
     def since(self, start: datetime) -> dict[datetime, set[Written]]:
         return {at: keys for at, keys in self._by_time.items() if at >= start}
-
-
-_SEEN_KEYS = 1_000
 
 
 def _held(
@@ -737,7 +735,10 @@ class _Run:
         self.writeback: Any = None
         self.commits = _Commits(None, 0.0, self.counts)  # the run's (``_commits``)
         self.lookback = self.config.sync.lookback
-        self.seen = _Seen(self.lookback)  # what ``StateStore.remember`` keeps
+        # What ``StateStore.remember`` keeps. Not when duplicates merge: a record skipped
+        # could no longer lend its fields to the one it lost to, read again without it.
+        self.remembers = self.config.sync.duplicates != "merge"
+        self.seen = _Seen(self.lookback, limit=1_000 if self.remembers else 0)
         self.written_back: Counter[str] = Counter()
 
     # --- the run as a list of stages --------------------------------------------------
@@ -777,7 +778,7 @@ class _Run:
     def _locked_run(self, store: StateStore, result: RunResult) -> None:
         state = store.get(self.config.name)
         since, cursor = self._lower_bound(state.watermark, state.cursor)
-        seen = state.seen if since is not None else {}
+        seen = state.seen if since is not None and self.remembers else {}
         self.seen.keep(state.seen)
         result.watermark = state.watermark
         logged = False  # in the run log (``_log_start``)

@@ -718,9 +718,11 @@ def test_state_show_reports_the_watermark_and_the_runs(sqlite: Db, job_dir: Path
     [run] = state["runs"]
     assert (run["run_id"], run["status"]) == (summary["run_id"], "ok")
     assert run["counts"]["inserted"] == 4
+    assert state["remembered_rows"] == 1  # D, at the watermark (the lookback is 0s)
     assert text.returncode == 0
     assert summary["run_id"] in text.stdout
     assert "watermark" in text.stdout
+    assert "rows remembered at the watermark: 1" in text.stdout
 
 
 def test_state_reset_makes_the_next_run_read_everything(sqlite: Db, job_dir: Path) -> None:

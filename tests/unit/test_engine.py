@@ -823,3 +823,21 @@ def test_other_values_for_a_remembered_key_and_time_are_written(tmp_path: Path) 
 
     assert (again.skipped, again.updated) == (0, 1)
     assert target.rows[("a",)]["tier"] == "vip"
+
+
+def test_merging_duplicates_remembers_nothing_and_compares_again(tmp_path: Path) -> None:
+    """A merged row took fields from a record that lost: were that record skipped, the
+    winner read again alone would lose them. A merge run compares both as before."""
+    fields = {"cl_id": "id", "tier": "metadata.tier", "city": "metadata.city", "seen": "updated_at"}
+    records = [
+        customer("a", metadata={"tier": "gold", "city": "Rome"}),
+        customer("a", metadata={"city": "Milan"}),  # same instant: the later one wins
+    ]
+    job, target = make_job(tmp_path, records, duplicates="merge", fields=fields)
+    job.run()
+
+    again = job.run()
+
+    assert (again.skipped, again.unchanged, again.duplicates) == (0, 1, 1)
+    assert job.state_store().get("t").seen == {}
+    assert (target.rows[("a",)]["tier"], target.rows[("a",)]["city"]) == ("gold", "Milan")
