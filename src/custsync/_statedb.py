@@ -194,13 +194,11 @@ class SqlAlchemyState:
             row = conn.execute(_SELECT_STATE.where(state_table.c.job == job)).first()
         return JobState(job, None, None, None) if row is None else job_state(row)
 
-    def jobs(self) -> list[JobState]:
+    def jobs(self) -> tuple[list[JobState], list[str]]:
         with self._failures("list the jobs"), self.engine.connect() as conn:
-            states = {row.job: job_state(row) for row in conn.execute(_SELECT_STATE)}
-            logged = conn.execute(sa.select(runs_table.c.job).distinct()).scalars().all()
-        for job in logged:
-            states.setdefault(job, JobState(job, None, None, None))
-        return [states[job] for job in sorted(states)]
+            states = [job_state(row) for row in conn.execute(_SELECT_STATE)]
+            logged = list(conn.execute(sa.select(runs_table.c.job).distinct()).scalars())
+        return states, logged
 
     def checkpoint(
         self, job: str, watermark: datetime | None, cursor_json: str | None, now: datetime

@@ -190,7 +190,9 @@ class Backend(Protocol):
 
     def get(self, job: str) -> JobState: ...
 
-    def jobs(self) -> list[JobState]: ...
+    def jobs(self) -> tuple[list[JobState], list[str]]:
+        """Every job's state, and the jobs in the run log."""
+        ...
 
     def checkpoint(
         self, job: str, watermark: datetime | None, cursor_json: str | None, now: datetime
@@ -250,39 +252,43 @@ class _SqliteFile:
             row = conn.execute(_SELECT_STATE + " WHERE s.job = ?", (job,)).fetchone()
         return JobState(job, None, None, None) if row is None else _state_of(row)
 
-    def jobs(self) -> list[JobState]:
+    def jobs(self) -> tuple[list[JobState], list[str]]:
         with self._connection("list the jobs") as conn:
-            states = {row[0]: _state_of(row) for row in conn.execute(_SELECT_STATE)}
+            states = [_state_of(row) for row in conn.execute(_SELECT_STATE)]
             logged = [job for (job,) in conn.execute("SELECT DISTINCT job FROM custsync_runs")]
-        for job in logged:
-            states.setdefault(job, JobState(job, None, None, None))
-        return [states[job] for job in sorted(states)]
+        return states, logged
 
     def checkpoint(
         self, job: str, watermark: datetime | None, cursor_json: str | None, now: datetime
     ) -> None:
+        # One statement compares and sets (the text is fixed-width UTC: its order is time
+        # order), so no read can go stale in between.
+        later = (
+            "CASE WHEN excluded.watermark IS NOT NULL AND (watermark IS NULL "
+            "OR watermark < excluded.watermark) THEN excluded.watermark ELSE watermark END"
+        )
+        self._put(job, watermark, cursor_json, now, later, "checkpoint")
+
+    def set_watermark(self, job: str, watermark: datetime | None, now: datetime) -> None:
+        self._put(job, watermark, None, now, "excluded.watermark", "set the watermark")
+
+    def _put(
+        self,
+        job: str,
+        watermark: datetime | None,
+        cursor_json: str | None,
+        now: datetime,
+        new_watermark: str,
+        action: str,
+    ) -> None:
         new = None if watermark is None else stamp_text(watermark)
-        with self._connection(f"checkpoint of job {job!r}") as conn, _transaction(conn):
-            # One statement compares and sets (the text is fixed-width UTC: its order is
-            # time order), so no read can go stale in between.
+        with self._connection(f"{action} of job {job!r}") as conn, _transaction(conn):
             conn.execute(
                 "INSERT INTO custsync_state (job, watermark, cursor_json, updated_at) "
                 "VALUES (?, ?, ?, ?) ON CONFLICT (job) DO UPDATE SET "
-                "watermark = CASE WHEN excluded.watermark IS NOT NULL AND (watermark IS NULL "
-                "OR watermark < excluded.watermark) THEN excluded.watermark ELSE watermark END, "
-                "cursor_json = excluded.cursor_json, updated_at = excluded.updated_at",
-                (job, new, cursor_json, stamp_text(now)),
-            )
-
-    def set_watermark(self, job: str, watermark: datetime | None, now: datetime) -> None:
-        new = None if watermark is None else stamp_text(watermark)
-        with self._connection(f"set the watermark of job {job!r}") as conn, _transaction(conn):
-            conn.execute(
-                "INSERT INTO custsync_state (job, watermark, cursor_json, updated_at) "
-                "VALUES (?, ?, NULL, ?) ON CONFLICT (job) DO UPDATE SET "
-                "watermark = excluded.watermark, cursor_json = NULL, "
+                f"watermark = {new_watermark}, cursor_json = excluded.cursor_json, "
                 "updated_at = excluded.updated_at",
-                (job, new, stamp_text(now)),
+                (job, new, cursor_json, stamp_text(now)),
             )
 
     def reset(self, job: str) -> None:
@@ -457,7 +463,11 @@ class StateStore:
 
     def jobs(self) -> list[JobState]:
         """Every job the store knows (from its state or its run log), by name."""
-        return self._db.jobs()
+        found, logged = self._db.jobs()
+        states = {state.job: state for state in found}
+        for job in logged:
+            states.setdefault(job, JobState(job, None, None, None))
+        return [states[job] for job in sorted(states)]
 
     def checkpoint(
         self,
