@@ -737,7 +737,9 @@ class _Run:
         self.lookback = self.config.sync.lookback
         # What ``StateStore.remember`` keeps. Not when duplicates merge: a record skipped
         # could no longer lend its fields to the one it lost to, read again without it.
-        self.remembers = self.config.sync.duplicates != "merge"
+        # Not with a writeback: a record whose id could not be written back is tried
+        # again when it is read again.
+        self.remembers = self.config.sync.duplicates != "merge" and self.config.writeback is None
         self.seen = _Seen(self.lookback, limit=1_000 if self.remembers else 0)
         self.written_back: Counter[str] = Counter()
 

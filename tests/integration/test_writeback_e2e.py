@@ -116,3 +116,25 @@ def test_a_second_run_writes_nothing_back_again(tmp_path: Path, fake: FakeCommer
     sync(tmp_path)
 
     assert sum(r.method == "PATCH" for r in fake.requests) == patches
+
+
+def test_a_job_that_writes_back_remembers_no_rows(tmp_path: Path, fake: FakeCommerceLayer) -> None:
+    """A record whose id could not be written back is tried again when it is read again:
+    it is never skipped as remembered."""
+    write_job(tmp_path, fake, 'field = "metadata.erp_no"')
+    fake.update_customer(next(iter(fake.customers)), metadata={"tier": "x"})  # just now
+    sync(tmp_path)
+
+    shown = subprocess.run(
+        [sys.executable, "-m", "custsync.cli", "state", "show", "job.toml", "--json"],
+        cwd=tmp_path,
+        env={**os.environ, "CL_SECRET": "csecret"},
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+
+    state = json.loads(shown.stdout.splitlines()[-1])
+    assert state["watermark"] is not None
+    assert state["remembered_rows"] == 0
