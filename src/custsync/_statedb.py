@@ -30,6 +30,7 @@ from custsync.state import (
     logger,
     read_seen,
     read_time,
+    stamp_text,
 )
 
 
@@ -61,7 +62,7 @@ class UtcDateTime(TypeDecorator[datetime]):
             return None
         utc = _as_utc(value)
         if dialect.name == "sqlite":
-            return utc.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
+            return stamp_text(utc)
         if dialect.name == "postgresql":
             return utc
         return utc.replace(tzinfo=None)
