@@ -32,7 +32,8 @@ def main() -> None:
     run("-q", "sync", "job.toml", "--no-progress")
     print("\nThe second run reads the same file. Records older than the watermark the first run")
     print("recorded (less the 5-minute lookback) are skipped; the few inside the lookback are")
-    print("read again and found unchanged. Nothing is written.")
+    print("read again and skipped too, as the first run wrote them just so. Nothing is written,")
+    print("and the run never opens the table.")
     run("-q", "sync", "job.toml", "--no-progress")
 
     with sqlite3.connect(DEMO / "demo.db") as db:

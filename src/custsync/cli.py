@@ -303,7 +303,8 @@ def _summary(job: Job, result: RunResult) -> str:
         f"  read {c['read']:,} records: {c['inserted']:,} inserted, {c['updated']:,} updated, "
         f"{c['unchanged']:,} unchanged, {c['stale']:,} stale (target newer), "
         f"{c['unknown']:,} written (outcome unknown)",
-        f"  {c['skipped']:,} skipped (older than the watermark), {c['duplicates']:,} duplicates, "
+        f"  {c['skipped']:,} skipped (older than the watermark, or written so already), "
+        f"{c['duplicates']:,} duplicates, "
         f"{c['rejected']:,} rejected",
     ]
     if result.dry_run:
