@@ -53,9 +53,10 @@ source_updated_at = "updated_at"
     )
 
 
-def sync(folder: Path) -> dict[str, object]:
+def cli(folder: Path, *args: str) -> dict[str, object]:
+    """``custsync ARGS... --json`` on the folder's job: its last line, parsed."""
     run = subprocess.run(
-        [sys.executable, "-m", "custsync.cli", "sync", "job.toml", "--json"],
+        [sys.executable, "-m", "custsync.cli", *args, "job.toml", "--json"],
         cwd=folder,
         env={**os.environ, "CL_SECRET": "csecret"},
         capture_output=True,
@@ -66,6 +67,10 @@ def sync(folder: Path) -> dict[str, object]:
     assert run.returncode == 0, run.stderr
     summary: dict[str, object] = json.loads(run.stdout.splitlines()[-1])
     return summary
+
+
+def sync(folder: Path) -> dict[str, object]:
+    return cli(folder, "sync")
 
 
 def erp_numbers(folder: Path) -> dict[str, str]:
@@ -125,16 +130,7 @@ def test_a_job_that_writes_back_remembers_no_rows(tmp_path: Path, fake: FakeComm
     fake.update_customer(next(iter(fake.customers)), metadata={"tier": "x"})  # just now
     sync(tmp_path)
 
-    shown = subprocess.run(
-        [sys.executable, "-m", "custsync.cli", "state", "show", "job.toml", "--json"],
-        cwd=tmp_path,
-        env={**os.environ, "CL_SECRET": "csecret"},
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    )
+    state = cli(tmp_path, "state", "show")
 
-    state = json.loads(shown.stdout.splitlines()[-1])
     assert state["watermark"] is not None
     assert state["remembered_rows"] == 0
