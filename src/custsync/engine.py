@@ -807,10 +807,11 @@ class _Run:
                 Ledger(self.config.sync.duplicates, directory=self._scratch()) as ledger,
                 self._prepared_batches(source, since, cursor, seen) as batches,
             ):
-                # A parallel run's worker is reading already: logging the run and
+                # A parallel run's worker is reading already: logging the run, and
                 # connecting to the target (importing SQLAlchemy, loading its driver,
-                # reading its catalogue) overlap the first batch. Nothing is written,
-                # here or there, before the target is ready.
+                # reading its catalogue) when a first run does it at once, overlap the
+                # first batch. Nothing is written, here or there, before the target is
+                # ready.
                 logged = self._log_start(store, state.watermark)
 
                 def ready() -> Target:
