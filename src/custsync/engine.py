@@ -364,13 +364,17 @@ class _Worker(_Stream):
     """
 
     def __init__(
-        self, read: Callable[[], Iterator[SourceBatch]], prepare: Callable[[SourceBatch], _Prepared]
+        self,
+        read: Callable[[int], Iterator[SourceBatch]],
+        prepare: Callable[[SourceBatch], _Prepared],
+        batch_size: int,
     ) -> None:
         self._prepare = prepare
-        # How many batches this process has finished with, written here and read by the
-        # worker: a shared page, not a message, so reading it never waits. A stale read
-        # only moves work from one process to the other, never changes the outcome.
-        self._done = mmap.mmap(-1, _FRAME.size)
+        # How many batches this process has applied, and how many of the worker's raw
+        # parts it has prepared: written here and read by the worker, a shared page, not
+        # a message, so reading it never waits. A stale read only moves work from one
+        # process to the other, never changes the outcome.
+        self._done = mmap.mmap(-1, _PROGRESS.size)
         receiver, sender = os.pipe()
         _widen(sender)
         for stream in (sys.stdout, sys.stderr):
@@ -380,7 +384,7 @@ class _Worker(_Stream):
             code = 1
             try:
                 os.close(receiver)
-                code = _work(sender, read, prepare, self._done)
+                code = _work(sender, read, prepare, batch_size, self._done)
             finally:
                 os._exit(code)
         os.close(sender)
@@ -397,11 +401,12 @@ class _Worker(_Stream):
         )
 
     def _receive(self) -> Iterator[_Prepared]:
-        done = 0
-        parts: list[_Prepared] = []  # the current batch's, as the worker prepared them
+        done = raw_done = 0
+        parts: list[_Prepared] = []  # the current batch's, in the order they were read
         while True:
-            # Resumed: the batch yielded last is applied, and this process is idle now.
-            _FRAME.pack_into(self._done, 0, done)
+            # Resumed: the batch yielded last is applied, or a raw part prepared, and
+            # this process is idle now.
+            _PROGRESS.pack_into(self._done, 0, done, raw_done)
             head = self._pipe.read(_FRAME.size)
             size = _FRAME.unpack(head)[0] if len(head) == _FRAME.size else -1
             blob = self._pipe.read(size) if size >= 0 else b""
@@ -411,13 +416,12 @@ class _Worker(_Stream):
             if kind == "part":
                 parts.append(payload)
                 continue
+            if kind == "raw":  # read, not prepared: the worker was busier than this process
+                parts.append(self._prepare(payload))
+                raw_done += 1
+                continue
             if kind == "batch":
-                prepared, unprepared = payload  # the worker's last part, and the rest for here
-                if prepared is not None:
-                    parts.append(prepared)
-                if unprepared is not None:
-                    parts.append(self._prepare(unprepared))
-                whole = parts[0]
+                whole = parts[0] if parts else _Prepared(0, 0, [], None)
                 for part in parts[1:]:
                     whole.extend(part)
                 parts = []
@@ -444,21 +448,23 @@ class _Worker(_Stream):
 
 def _work(
     sender: int,
-    read: Callable[[], Iterator[SourceBatch]],
+    read: Callable[[int], Iterator[SourceBatch]],
     prepare: Callable[[SourceBatch], _Prepared],
-    done: mmap.mmap,
+    batch_size: int,
+    progress: mmap.mmap,
 ) -> int:
     """The worker process's life: batches into the pipe, then "end".
 
-    A batch is prepared here, a stretch of records at a time, while the writer is busy
-    with the batch before, each stretch sent ("part") as the next is begun; once the
-    writer has applied all it was sent, the last stretch and the rest of the batch, as
-    read, end the batch ("batch"): the writer prepares that rest while this process reads
-    on. Either side may be the slower one (an incremental run mostly reads and skips; an
-    initial load into SQLite mostly writes), so the work balances itself as it goes, and
-    neither process waits long for the other. The outcome is the one a single process would
-    have: ``_Run._prepare`` is pure and record by record, and the writer puts the two
-    parts of a batch back together before it applies it."""
+    The source is read a part (``_STRETCH`` records) at a time, and each part goes to the
+    writer as soon as it is read: prepared here ("part") while the writer has work (a
+    batch to apply, a raw part to prepare), or as read ("raw") when it has none, for the
+    writer to prepare while this process reads on. Once the parts sent add up to a batch,
+    "batch" ends it, and the writer applies it. Either side may be the slower one (an
+    incremental run mostly reads and skips; an initial load into SQLite mostly writes),
+    so the work balances itself a part at a time, and neither process waits longer than
+    the other takes over a part. The outcome is the one a single process would have:
+    ``_Run._prepare`` is pure and record by record, and the writer joins a batch's parts
+    in the order they were read before it applies it."""
     gc.freeze()  # inherited objects are never collected here: none of their finalisers run
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
@@ -482,20 +488,30 @@ def _work(
         pipe.flush()  # all of it is in the pipe (a buffered writer retries short writes)
 
     try:
-        for sent, batch in enumerate(read()):  # sent: batches sent before this one
-            records, at, last = batch.records, 0, None
-            while at < len(records) and sent > _FRAME.unpack_from(done)[0]:
-                if last is not None:
-                    # Sent as soon as the next is begun: when the writer turns to this
-                    # batch, only the stretch in hand is still to come.
-                    send(("part", last))
-                last = prepare(_part(batch, at, at + _STRETCH))
-                packed = PackedRecords.pack([c.record for c in last.candidates])
-                for candidate, record in zip(last.candidates, packed, strict=True):
+        sent = raw_sent = 0  # batches ended, raw parts sent
+        size, open_batch = 0, False  # the records of the batch being sent; parts of it sent
+        stretch = min(batch_size, _STRETCH)
+        for part in read(stretch):
+            done, raw_done = _PROGRESS.unpack_from(progress)
+            if not part.records or sent > done or raw_sent - raw_done >= _RAW_AHEAD:
+                prepared = prepare(part)
+                packed = PackedRecords.pack([c.record for c in prepared.candidates])
+                for candidate, record in zip(prepared.candidates, packed, strict=True):
                     candidate.record = record
-                at += _STRETCH
-            tail = _part(batch, at, len(records)) if last is None or at < len(records) else None
-            send(("batch", (last, tail)))
+                send(("part", prepared))
+            else:
+                send(("raw", part))
+                raw_sent += 1
+            size += len(part.records)
+            open_batch = True
+            # A part shorter than asked for ends its batch, as the source meant it to go
+            # out: the input's end, skips counted for the progress, a checkpoint, a
+            # source's batch of its own size.
+            if size >= batch_size or len(part.records) < stretch:
+                send(("batch", None))
+                sent, size, open_batch = sent + 1, 0, False
+        if open_batch:
+            send(("batch", None))
         send(("end", None))
         return 0
     except BrokenPipeError:
@@ -615,7 +631,9 @@ def _widen(pipe: int) -> None:
 
 _PIPE_SIZE = 4 << 20
 _FRAME = struct.Struct("<Q")  # each message: its length, then the pickle
-_STRETCH = 200  # records the worker prepares before it looks whether the writer waits
+_PROGRESS = struct.Struct("<QQ")  # batches applied, raw parts prepared (``_Worker``)
+_STRETCH = 200  # records the worker reads before it looks whether the writer waits
+_RAW_AHEAD = 2  # raw parts the writer may have to prepare: one in hand, one waiting
 
 
 class _Commits:
@@ -671,21 +689,6 @@ _WRITTEN = ("inserted", "updated", "unchanged", "stale", "unknown")
 
 def _position(entry: tuple[int, int, Reject]) -> tuple[int, int]:
     return entry[0], entry[1]
-
-
-def _part(batch: SourceBatch, start: int, stop: int) -> SourceBatch:
-    """Records ``start:stop`` of a batch, a part that is not empty: the first part
-    carries the batch's skipped count and notes, the last its checkpoint
-    (``_Prepared.extend`` joins them again)."""
-    last = stop >= len(batch.records)
-    if start == 0 and last:
-        return batch
-    return SourceBatch(
-        batch.records[start:stop],
-        checkpoint=batch.checkpoint if last else None,
-        skipped=batch.skipped if start == 0 else 0,
-        notes=batch.notes if start == 0 else [],
-    )
 
 
 def _cpus() -> float:
@@ -954,18 +957,20 @@ class _Run:
         """The source's batches through the first stages: in a worker process when the run
         can be parallel (see ``_Worker``), else here, one batch at a time."""
 
-        def read() -> Iterator[SourceBatch]:
-            return source.read(since=since, cursor=cursor, batch_size=self.config.sync.batch_size)
+        batch_size = self.config.sync.batch_size
+
+        def read(size: int) -> Iterator[SourceBatch]:
+            return source.read(since=since, cursor=cursor, batch_size=size)
 
         def prepare(batch: SourceBatch) -> _Prepared:
             return self._prepare(batch, since, seen)
 
         def prepared() -> Iterator[_Prepared]:
-            for batch in read():
+            for batch in read(batch_size):
                 yield prepare(batch)
 
         if self.config.sync.parallel and _Worker.usable(source):
-            return _Worker(read, prepare)
+            return _Worker(read, prepare, batch_size)
         return _Stream(prepared())
 
     def _commits(self, source: Source, target: Target) -> _Commits:

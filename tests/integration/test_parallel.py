@@ -28,7 +28,7 @@ from helpers import T0, cli_env, command, customer, rejects_of, write_job, write
 
 from custsync import plugins
 from custsync._fake import make_customers, touch, write_list_documents
-from custsync.engine import Job, RunResult, _cpus, _part, _Run, _widen
+from custsync.engine import Job, RunResult, _cpus, _Run, _widen
 from custsync.model import normalize
 from custsync.plugins import Connector
 from custsync.sources.base import RawRecord, SourceBatch, SourceSettings
@@ -233,10 +233,11 @@ def test_a_slow_writer_gets_batches_in_parts_and_ends_alike(tmp_path: Path) -> N
     assert outcomes[0][0]["status"] == "ok"
 
 
-def test_a_batch_prepared_in_parts_is_the_batch_prepared_whole(tmp_path: Path) -> None:
-    """What the worker prepares of a batch and what the writer prepares of the rest,
-    joined, are the batch prepared at once, for every place the line may fall; and the
-    rejects come in read order, whatever the stage that set them apart."""
+def test_a_batch_read_and_prepared_in_parts_is_the_batch_prepared_whole(tmp_path: Path) -> None:
+    """The worker reads the source a part at a time, and the parts are prepared where
+    there is time (some by the worker, some by the writer): joined, they are the batch
+    read and prepared at once, for every size of part; and the rejects come in read
+    order, whatever the stage that set them apart."""
     input_file = sprinkled_input(tmp_path / "customers.jsonl", 600, seed=12)
     job_file = file_job(tmp_path, input_file, "batch_size = 10000")
     job = Job.from_file(job_file)
@@ -253,19 +254,27 @@ def test_a_batch_prepared_in_parts_is_the_batch_prepared_whole(tmp_path: Path) -
     since = datetime.fromisoformat(
         json.loads(input_file.read_bytes().split(b"\n")[3])["data"][0]["attributes"]["updated_at"]
     )  # the first records are older: the lower bound sets some apart too
-    source = job.make_source()
-    try:
-        read = list(source.read(since=since, cursor=None, batch_size=10_000))
-    finally:
-        source.close()
-    batch = SourceBatch(
-        [raw for b in read for raw in b.records],
-        skipped=sum(b.skipped for b in read),
-        notes=[note for b in read for note in b.notes],
-    )
+
+    def read(size: int) -> list[SourceBatch]:
+        source = job.make_source()
+        try:
+            return list(source.read(since=since, cursor=None, batch_size=size))
+        finally:
+            source.close()
+
+    def joined(batches: list[SourceBatch]) -> SourceBatch:
+        return SourceBatch(
+            [raw for b in batches for raw in b.records],
+            skipped=sum(b.skipped for b in batches),
+            notes=[note for b in batches for note in b.notes],
+            checkpoint=batches[-1].checkpoint,
+        )
+
+    batch = joined(read(10_000))
     whole = run._prepare(batch, since)
 
     assert whole.skipped > 0
+    assert whole.checkpoint is not None
     assert {"validate", "map"} <= {r.stage for r in whole.rejects}
     position = {}
     for k, raw in enumerate(batch.records):
@@ -275,10 +284,14 @@ def test_a_batch_prepared_in_parts_is_the_batch_prepared_whole(tmp_path: Path) -
     read_order = [position[r.source_id or ""] for r in whole.rejects]
     assert f"{input_file.name}:22" in {r.source_id for r in whole.rejects}  # the broken line
     assert read_order == sorted(read_order)
-    for cut in [1, 199, 200, 201, *range(250, len(batch.records), 97), len(batch.records) - 1]:
-        joined = run._prepare(_part(batch, 0, cut), since)
-        joined.extend(run._prepare(_part(batch, cut, len(batch.records)), since))
-        assert joined == whole, f"cut at {cut}"
+    for size in [1, 7, 199, 200, 333]:
+        parts = read(size)
+        assert len(parts) > len(batch.records) // size
+        prepared = run._prepare(parts[0], since)
+        for part in parts[1:]:
+            prepared.extend(run._prepare(part, since))
+        assert joined(parts) == batch, f"parts of {size}"
+        assert prepared == whole, f"parts of {size}"
 
 
 def test_a_parallel_dry_run_reports_as_a_single_process_one_and_writes_nothing(
