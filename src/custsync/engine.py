@@ -532,12 +532,14 @@ class _Seen:
     it leaves the next run (``StateStore.remember``), which reads from its watermark less
     the lookback again. Only times within ``lookback`` of the newest are kept, and at most
     ``limit`` rows: any part of them is as good (a record not kept is compared with the
-    target again, as it would be without them)."""
+    target again, as it would be without them). A row this run wrote is fingerprinted
+    (``_digest``) only at the end, if it is still kept: a load turns most of them away as
+    newer times come."""
 
     def __init__(self, lookback: timedelta, limit: int = 1_000) -> None:
         self._lookback = lookback
         self._limit = limit
-        self._by_time: dict[datetime, set[Written]] = {}
+        self._by_time: dict[datetime, list[tuple[Key, Any]]] = {}  # (key, row or digest)
         self._times: list[datetime] = []  # a heap of the times kept
         self._size = 0
         self._floor: datetime | None = None  # older than this is not kept
@@ -546,9 +548,7 @@ class _Seen:
         for candidate in candidates:
             ts = candidate.ts
             if ts is not None and self._admits(ts):
-                digest = _digest(candidate.row)  # only now: a load has many to turn away
-                if digest is not None:
-                    self._add(ts, (candidate.key, digest))
+                self._add(ts, (candidate.key, candidate.row))
 
     def keep(self, seen: Mapping[datetime, Iterable[Written]]) -> None:
         """What the last run left: still true, so still worth leaving to the next."""
@@ -567,14 +567,13 @@ class _Seen:
             self._raise_floor(floor)
         return self._size < self._limit
 
-    def _add(self, ts: datetime, row: Written) -> None:
+    def _add(self, ts: datetime, entry: tuple[Key, Any]) -> None:
         rows = self._by_time.get(ts)
         if rows is None:
-            rows = self._by_time[ts] = set()
+            rows = self._by_time[ts] = []
             heapq.heappush(self._times, ts)
-        if row not in rows:
-            rows.add(row)
-            self._size += 1
+        rows.append(entry)
+        self._size += 1
 
     def _raise_floor(self, floor: datetime) -> None:
         self._floor = floor
@@ -582,7 +581,16 @@ class _Seen:
             self._size -= len(self._by_time.pop(heapq.heappop(self._times)))
 
     def since(self, start: datetime) -> dict[datetime, set[Written]]:
-        return {at: keys for at, keys in self._by_time.items() if at >= start}
+        out: dict[datetime, set[Written]] = {}
+        for at, entries in self._by_time.items():
+            if at < start:
+                continue
+            written = out[at] = set()
+            for key, value in entries:
+                digest = value if value.__class__ is str else _digest(value)
+                if digest is not None:
+                    written.add((key, digest))
+        return out
 
 
 def _held(
