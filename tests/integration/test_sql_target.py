@@ -408,6 +408,57 @@ def test_2000_rows_with_3_bad_ones_commit_1997(db: Db) -> None:
     assert target.count() == 1997
 
 
+def test_sqlite_inserts_new_keys_into_a_table_it_made_without_reading_them_first(
+    lite: Db,
+) -> None:
+    """Into a table the target made, a batch is first tried as a plain INSERT (no
+    pre-read of its keys); a batch holding a key written before fails that INSERT as a
+    whole and is written the general way, with exact outcomes. The next batch reads first,
+    and the one after it, once that read found nothing, inserts straight again. A table
+    the target did not make is always read first."""
+    statements: list[str] = []
+    target = lite.target()
+    sa.event.listen(
+        target.engine, "connect", lambda conn, _: conn.set_trace_callback(statements.append)
+    )
+    target.prepare(SCHEMA)
+    table = target.settings.table
+
+    def pre_reads() -> int:
+        reads = [s for s in statements if s.startswith("SELECT") and f"FROM {table}" in s]
+        statements.clear()
+        return len(reads)
+
+    assert outcomes(target.write([row("a", updated_at=T1), row("b")])) == {
+        ("a",): Outcome.INSERTED,
+        ("b",): Outcome.INSERTED,
+    }
+    assert pre_reads() == 0
+    results = target.write([row("c"), row("b", name="changed"), row("a", name="older")])
+    assert outcomes(results) == {
+        ("c",): Outcome.INSERTED,
+        ("b",): Outcome.UPDATED,
+        ("a",): Outcome.STALE,
+    }
+    assert pre_reads() == 1
+    assert target.write([row("d")])[0].outcome is Outcome.INSERTED
+    assert pre_reads() == 1  # the batch after one that found keys stored reads first
+    assert target.write([row("e")])[0].outcome is Outcome.INSERTED
+    assert pre_reads() == 0
+    assert lite.stored(table, SCHEMA, ("a",))["name"] == "name of a"
+    assert lite.stored(table, SCHEMA, ("b",))["name"] == "changed"
+    assert target.count() == 5
+
+    again = lite.target(table)
+    sa.event.listen(
+        again.engine, "connect", lambda conn, _: conn.set_trace_callback(statements.append)
+    )
+    again.prepare(SCHEMA)
+    statements.clear()
+    assert again.write([row("f")])[0].outcome is Outcome.INSERTED
+    assert pre_reads() == 1
+
+
 # --- outcomes, keys and values ----------------------------------------------------------
 
 

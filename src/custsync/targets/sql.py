@@ -356,6 +356,10 @@ class SqlTarget:
         self._exists = False
         self._upsert: Any = None
         self._copy: _PgCopy | None = None
+        # SQLite, into a table this target made: a plain INSERT of the batch, tried first
+        # (``_insert_new``), while batches keep finding none of their keys stored.
+        self._insert: _DriverStatement | None = None
+        self._insert_first = False
         self._codec: RowCodec | None = None
         self._key_at: tuple[int, ...] = ()  # the key columns' places in an encoded row
         self._queries: dict[Any, Any] = {}  # statements built once per prepare
@@ -380,6 +384,7 @@ class SqlTarget:
         self._schema = schema
         notes: list[str] = []
         name, db_schema = self.settings.table, self.settings.db_schema
+        created = False
         try:
             inspector = sa.inspect(self.engine)
             exists = inspector.has_table(name, schema=db_schema)
@@ -396,6 +401,7 @@ class SqlTarget:
                     self._create(schema)
                     notes.append(f"created table {name} ({len(schema.columns)} columns)")
                     exists = True
+                    created = True
             else:
                 notes += self._check_and_evolve(inspector, schema, create=create)
         except SQLAlchemyError as exc:
@@ -404,6 +410,7 @@ class SqlTarget:
             ) from exc
         self._exists = exists
         self._queries = {}
+        self._insert, self._insert_first = None, False
         self._codec = row_codec(schema, self.dialect)
         self._key_at = tuple(self._codec.names.index(k) for k in schema.key)
         self._table = self._build_table(schema)
@@ -412,6 +419,10 @@ class SqlTarget:
         )
         if self.dialect == "postgresql":
             self._copy = _PgCopy(self, self._table, schema)
+        if self.dialect == "sqlite" and created and schema.match_policy != "update_only":
+            insert = _dialect("sqlite").insert(self._table)
+            self._insert = _DriverStatement(insert, self.engine.dialect, schema)
+            self._insert_first = True
         return notes
 
     def _build_table(self, schema: RowSchema, *, for_create: bool = False) -> sa.Table:
@@ -664,12 +675,18 @@ class SqlTarget:
             return results
         try:
             with self._transaction() as conn:
-                stored = self._stored(conn, table, schema, encoded, lock=True)
-                decided = self._classify(schema, encoded, stored)
-                to_write = [row for (result, row) in decided if row is not None]
-                failures = (
-                    self._write_rows(conn, schema, to_write, new=not stored) if to_write else {}
-                )
+                decided: list[tuple[RowResult, Encoded | None]]
+                if self._insert_first and self._insert_new(conn, encoded):
+                    decided = [(RowResult(self._key_of(r), Outcome.INSERTED), r) for r in encoded]
+                    failures = {}
+                else:
+                    stored = self._stored(conn, table, schema, encoded, lock=True)
+                    decided = self._classify(schema, encoded, stored)
+                    to_write = [row for (result, row) in decided if row is not None]
+                    failures = (
+                        self._write_rows(conn, schema, to_write, new=not stored) if to_write else {}
+                    )
+                    self._insert_first = self._insert is not None and not stored
                 ids = self._target_ids(conn, schema, encoded) if self.settings.id_column else {}
         except SQLAlchemyError as exc:
             raise TargetError(
@@ -887,6 +904,26 @@ class SqlTarget:
             else:
                 decided.append((RowResult(key, Outcome.UPDATED), encoded))
         return decided
+
+    def _insert_new(self, conn: Connection, rows: Sequence[Encoded]) -> bool:
+        """Insert the batch as new rows, in a savepoint: True when all of it is in. A
+        table this target made holds only what it wrote since, so the pre-read mostly
+        finds nothing, and costs about a third of the write. Where a key is there after
+        all (a key again, another writer) or the database refuses a row, SQLite fails the
+        statement, the savepoint undoes it, and the batch is written the general way
+        (pre-read, compare, upsert), which also tells which rows failed and why. The
+        next batch tries the insert again only if that pre-read found none of the
+        batch's keys stored."""
+        assert self._insert is not None
+        try:
+            with conn.begin_nested():
+                conn.exec_driver_sql(self._insert.sql, self._insert.parameters(rows))
+        except (DBAPIError, OverflowError) as exc:
+            if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+                raise
+            self._insert_first = False
+            return False
+        return True
 
     def _write_rows(
         self, conn: Connection, schema: RowSchema, rows: Sequence[Encoded], *, new: bool = False
