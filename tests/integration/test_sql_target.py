@@ -408,54 +408,67 @@ def test_2000_rows_with_3_bad_ones_commit_1997(db: Db) -> None:
     assert target.count() == 1997
 
 
-def test_sqlite_inserts_new_keys_into_a_table_it_made_without_reading_them_first(
-    lite: Db,
+def _watch_pre_reads(target: SqlTarget, statements: list[str]) -> None:
+    """Note the statements the target's connections run: SQLite's own trace (the target
+    reads SQLite through the driver's cursor), SQLAlchemy's event elsewhere."""
+    if target.dialect == "sqlite":
+        sa.event.listen(
+            target.engine, "connect", lambda conn, _: conn.set_trace_callback(statements.append)
+        )
+    else:
+        sa.event.listen(
+            target.engine,
+            "before_cursor_execute",
+            lambda _conn, _cursor, statement, *_: statements.append(statement),
+        )
+
+
+@pytest.mark.parametrize("name", ["lite", pytest.param("pg", marks=pytest.mark.postgres)])
+def test_new_keys_go_into_a_table_the_target_made_without_reading_them_first(
+    request: pytest.FixtureRequest, name: str
 ) -> None:
-    """Into a table the target made, a batch is first tried as a plain INSERT (no
-    pre-read of its keys); a batch holding a key written before fails that INSERT as a
-    whole and is written the general way, with exact outcomes. The next batch reads first,
-    and the one after it, once that read found nothing, inserts straight again. A table
-    the target did not make is always read first."""
+    """Into a table the target made, a batch is first tried as new rows only (SQLite: a
+    plain INSERT; PostgreSQL: COPY), without a pre-read of its keys; a batch holding a
+    key written before fails that as a whole and is written the general way, with exact
+    outcomes. The next batch reads first, and the one after it, once that read found
+    nothing, goes in straight again. A table the target did not make is always read
+    first."""
+    db: Db = request.getfixturevalue(name)
     statements: list[str] = []
-    target = lite.target()
-    sa.event.listen(
-        target.engine, "connect", lambda conn, _: conn.set_trace_callback(statements.append)
-    )
+    target = db.target()
+    _watch_pre_reads(target, statements)
     target.prepare(SCHEMA)
     table = target.settings.table
 
     def pre_reads() -> int:
-        reads = [s for s in statements if s.startswith("SELECT") and f"FROM {table}" in s]
+        reads = [s for s in statements if s.startswith("SELECT") and table in s]
         statements.clear()
         return len(reads)
 
-    assert outcomes(target.write([row("a", updated_at=T1), row("b")])) == {
-        ("a",): Outcome.INSERTED,
-        ("b",): Outcome.INSERTED,
-    }
-    assert pre_reads() == 0
-    results = target.write([row("c"), row("b", name="changed"), row("a", name="older")])
-    assert outcomes(results) == {
-        ("c",): Outcome.INSERTED,
-        ("b",): Outcome.UPDATED,
-        ("a",): Outcome.STALE,
-    }
-    assert pre_reads() == 1
-    assert target.write([row("d")])[0].outcome is Outcome.INSERTED
-    assert pre_reads() == 1  # the batch after one that found keys stored reads first
-    assert target.write([row("e")])[0].outcome is Outcome.INSERTED
-    assert pre_reads() == 0
-    assert lite.stored(table, SCHEMA, ("a",))["name"] == "name of a"
-    assert lite.stored(table, SCHEMA, ("b",))["name"] == "changed"
-    assert target.count() == 5
+    def new(prefix: str) -> list[dict[str, Any]]:  # enough rows for PostgreSQL to COPY
+        return [row(f"{prefix}{i:03d}") for i in range(60)]
 
-    again = lite.target(table)
-    sa.event.listen(
-        again.engine, "connect", lambda conn, _: conn.set_trace_callback(statements.append)
-    )
+    first = target.write([row("a", updated_at=T1), row("b"), *new("x")])
+    assert set(outcomes(first).values()) == {Outcome.INSERTED}
+    assert pre_reads() == 0
+    results = target.write([row("c"), row("b", name="changed"), row("a", name="older"), *new("y")])
+    assert outcomes(results)[("c",)] is Outcome.INSERTED
+    assert outcomes(results)[("b",)] is Outcome.UPDATED
+    assert outcomes(results)[("a",)] is Outcome.STALE
+    assert pre_reads() == 1
+    assert set(outcomes(target.write(new("z"))).values()) == {Outcome.INSERTED}
+    assert pre_reads() == 1  # the batch after one that found keys stored reads first
+    assert set(outcomes(target.write(new("w"))).values()) == {Outcome.INSERTED}
+    assert pre_reads() == 0
+    assert db.stored(table, SCHEMA, ("a",))["name"] == "name of a"
+    assert db.stored(table, SCHEMA, ("b",))["name"] == "changed"
+    assert target.count() == 3 + 4 * 60
+
+    again = db.target(table)
+    _watch_pre_reads(again, statements)
     again.prepare(SCHEMA)
     statements.clear()
-    assert again.write([row("f")])[0].outcome is Outcome.INSERTED
+    assert set(outcomes(again.write(new("v"))).values()) == {Outcome.INSERTED}
     assert pre_reads() == 1
 
 

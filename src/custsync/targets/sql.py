@@ -205,6 +205,27 @@ class _PgCopy:
         upsert = target._upsert_statement(table, schema, source=select)
         self.insert: str = upsert.compile(dialect=dialect).string
 
+    def copy_new(self, conn: Connection, rows: Sequence[Encoded]) -> bool:
+        """Copy the rows straight into the table, in a savepoint: True when all are in.
+        False when PostgreSQL refused the copy (a key stored already, a refused row, a
+        table the copy cannot reach: row-level security refuses COPY FROM), with nothing
+        of it left behind; a connection that died fails the caller's next statement."""
+        import psycopg
+
+        raw = conn.connection.driver_connection
+        assert raw is not None
+        try:
+            with (
+                conn.begin_nested(),
+                raw.cursor() as cursor,
+                cursor.copy(self.copy_in) as copy,
+            ):
+                for values in rows:  # encoded: the values in column order
+                    copy.write_row(values)
+        except psycopg.Error:
+            return False
+        return True
+
     def write(self, conn: Connection, rows: Sequence[Encoded], *, new: bool = False) -> bool:
         """True when the batch is in; False when PostgreSQL refused it (nothing of it is
         left behind: it ran in a savepoint), so the row-by-row path takes over.
@@ -218,21 +239,8 @@ class _PgCopy:
 
         raw = conn.connection.driver_connection
         assert raw is not None
-        if new:
-            try:
-                with (
-                    conn.begin_nested(),
-                    raw.cursor() as cursor,
-                    cursor.copy(self.copy_in) as copy,
-                ):
-                    for values in rows:  # encoded: the values in column order
-                        copy.write_row(values)
-                return True
-            except psycopg.Error:
-                # Staged below: a refused row is found there without failing the rest, and
-                # a table the copy cannot reach (row-level security refuses COPY FROM) is
-                # written as it always was. A connection that died fails there too.
-                pass
+        if new and self.copy_new(conn, rows):
+            return True
         try:
             with conn.begin_nested(), raw.cursor() as cursor:
                 cursor.execute(self.create)
@@ -359,7 +367,8 @@ class SqlTarget:
         # SQLite, into a table this target made: a plain INSERT of the batch, tried first
         # (``_insert_new``), while batches keep finding none of their keys stored.
         self._insert: _DriverStatement | None = None
-        self._insert_first = False
+        self._inserts_first = False  # the table is one it made (``prepare``)
+        self._insert_first = False  # the next batch is tried that way
         self._codec: RowCodec | None = None
         self._key_at: tuple[int, ...] = ()  # the key columns' places in an encoded row
         self._queries: dict[Any, Any] = {}  # statements built once per prepare
@@ -410,7 +419,7 @@ class SqlTarget:
             ) from exc
         self._exists = exists
         self._queries = {}
-        self._insert, self._insert_first = None, False
+        self._insert, self._inserts_first, self._insert_first = None, False, False
         self._codec = row_codec(schema, self.dialect)
         self._key_at = tuple(self._codec.names.index(k) for k in schema.key)
         self._table = self._build_table(schema)
@@ -419,10 +428,12 @@ class SqlTarget:
         )
         if self.dialect == "postgresql":
             self._copy = _PgCopy(self, self._table, schema)
-        if self.dialect == "sqlite" and created and schema.match_policy != "update_only":
-            insert = _dialect("sqlite").insert(self._table)
-            self._insert = _DriverStatement(insert, self.engine.dialect, schema)
-            self._insert_first = True
+        if created and schema.match_policy != "update_only":
+            if self.dialect == "sqlite":
+                insert = _dialect("sqlite").insert(self._table)
+                self._insert = _DriverStatement(insert, self.engine.dialect, schema)
+            self._inserts_first = self._insert is not None or self._copy is not None
+            self._insert_first = self._inserts_first
         return notes
 
     def _build_table(self, schema: RowSchema, *, for_create: bool = False) -> sa.Table:
@@ -686,7 +697,7 @@ class SqlTarget:
                     failures = (
                         self._write_rows(conn, schema, to_write, new=not stored) if to_write else {}
                     )
-                    self._insert_first = self._insert is not None and not stored
+                    self._insert_first = self._inserts_first and not stored
                 ids = self._target_ids(conn, schema, encoded) if self.settings.id_column else {}
         except SQLAlchemyError as exc:
             raise TargetError(
@@ -909,11 +920,16 @@ class SqlTarget:
         """Insert the batch as new rows, in a savepoint: True when all of it is in. A
         table this target made holds only what it wrote since, so the pre-read mostly
         finds nothing, and costs about a third of the write. Where a key is there after
-        all (a key again, another writer) or the database refuses a row, SQLite fails the
-        statement, the savepoint undoes it, and the batch is written the general way
-        (pre-read, compare, upsert), which also tells which rows failed and why. The
-        next batch tries the insert again only if that pre-read found none of the
-        batch's keys stored."""
+        all (a key again, another writer) or the database refuses a row, the database
+        fails the statement, the savepoint undoes it, and the batch is written the
+        general way (pre-read, compare, upsert), which also tells which rows failed and
+        why. The next batch tries the insert again only if that pre-read found none of
+        the batch's keys stored. PostgreSQL copies the rows in (``_PgCopy.copy_new``)."""
+        if self._copy is not None:
+            if len(rows) >= _COPY_MIN_ROWS and self._copy.copy_new(conn, rows):
+                return True
+            self._insert_first = False
+            return False
         assert self._insert is not None
         try:
             with conn.begin_nested():
