@@ -364,8 +364,9 @@ class SqlTarget:
         self._exists = False
         self._upsert: Any = None
         self._copy: _PgCopy | None = None
-        # SQLite, into a table this target made: a plain INSERT of the batch, tried first
-        # (``_insert_new``), while batches keep finding none of their keys stored.
+        # Into a table this target made, each batch is tried first as new rows only
+        # (``_insert_new``: SQLite's plain INSERT, PostgreSQL's COPY), while batches keep
+        # finding none of their keys stored.
         self._insert: _DriverStatement | None = None
         self._inserts_first = False  # the table is one it made (``prepare``)
         self._insert_first = False  # the next batch is tried that way
