@@ -368,7 +368,7 @@ class SqlTarget:
         # (``_insert_new``: SQLite's plain INSERT, PostgreSQL's COPY), while batches keep
         # finding none of their keys stored.
         self._insert: _DriverStatement | None = None
-        self._inserts_first = False  # the table is one it made (``prepare``)
+        self._can_insert_first = False  # the table is one it made, on SQLite or PostgreSQL
         self._insert_first = False  # the next batch is tried that way
         self._codec: RowCodec | None = None
         self._key_at: tuple[int, ...] = ()  # the key columns' places in an encoded row
@@ -420,7 +420,7 @@ class SqlTarget:
             ) from exc
         self._exists = exists
         self._queries = {}
-        self._insert, self._inserts_first, self._insert_first = None, False, False
+        self._insert, self._can_insert_first, self._insert_first = None, False, False
         self._codec = row_codec(schema, self.dialect)
         self._key_at = tuple(self._codec.names.index(k) for k in schema.key)
         self._table = self._build_table(schema)
@@ -433,8 +433,8 @@ class SqlTarget:
             if self.dialect == "sqlite":
                 insert = _dialect("sqlite").insert(self._table)
                 self._insert = _DriverStatement(insert, self.engine.dialect, schema)
-            self._inserts_first = self._insert is not None or self._copy is not None
-            self._insert_first = self._inserts_first
+            self._can_insert_first = self._insert is not None or self._copy is not None
+            self._insert_first = self._can_insert_first
         return notes
 
     def _build_table(self, schema: RowSchema, *, for_create: bool = False) -> sa.Table:
@@ -698,7 +698,7 @@ class SqlTarget:
                     failures = (
                         self._write_rows(conn, schema, to_write, new=not stored) if to_write else {}
                     )
-                    self._insert_first = self._inserts_first and not stored
+                    self._insert_first = self._can_insert_first and not stored
                 ids = self._target_ids(conn, schema, encoded) if self.settings.id_column else {}
         except SQLAlchemyError as exc:
             raise TargetError(
